@@ -72,6 +72,8 @@ def parse_args(argv=None):
                    "method looks by default)")
     p.add_argument("--overwrite", action="store_true", help="retrain even if --out exists (otherwise it is kept)")
     p.add_argument("--resume", action="store_true", help="continue from <out stem>.state.pt")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this epoch as if interrupted, keeping "
+                   "the resume state (for testing --resume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16", help="autocast on CUDA (ignored on CPU)")
@@ -162,10 +164,13 @@ def main(argv=None):
             snap = f"{os.path.splitext(args.out)[0]}_e{epoch}.pt"
             save_teacher(snap, model, test_acc=acc, epoch=epoch, **meta)
             print(f"snapshot {snap} (test acc {acc:.2f}%)")
-        if epoch % max(1, args.eval_every) == 0 or epoch == args.epochs:
+        if epoch % args.eval_every == 0 or epoch == args.epochs or epoch == args.stop_after:
             save_checkpoint(state_path, {"model": model.state_dict(), "opt": opt.state_dict(),
                                          "sched": sched.state_dict(), "rng": get_rng_state(), "epoch": epoch,
                                          "acc": acc, "arch": args.arch, "num_classes": data.num_classes})
+        if epoch == args.stop_after:
+            print(f"stopped after epoch {epoch}; continue with --resume")
+            return None
     save_teacher(args.out, model, test_acc=acc, epoch=args.epochs, **meta)
     os.remove(state_path)  # the finished teacher replaces the resume state
     print(f"teacher test acc {acc:.2f}% -> {args.out} ({time.time() - t0:.0f} s)")
