@@ -22,6 +22,7 @@ import pickle
 import random
 import sys
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -510,10 +511,9 @@ class TinyImageNetVal(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        from PIL import Image
+        from torchvision.datasets.folder import default_loader  # what ImageFolder reads train/ with
         path, label = self.samples[i]
-        with Image.open(path) as img:
-            return self.transform(img), label
+        return self.transform(default_loader(path)), label
 
 
 def _image_transform(image_size, in_channels):
@@ -567,11 +567,12 @@ def load_data(name, data_root="data", batch_size=256, test_batch_size=512, image
         if not os.path.isdir(os.path.join(data_root, "train")) or split is None:
             fail(f"--data-root {data_root} must hold train/ and test/ (or val/), one subfolder per class")
         if image_size is None or in_channels is None:
-            from PIL import Image
             first = torchvision.datasets.ImageFolder(os.path.join(data_root, "train")).samples[0][0]
-            with Image.open(first) as im:
-                image_size = image_size or im.size[0]
-                in_channels = in_channels or (1 if im.mode in ("L", "1", "I;16") else 3)
+            with warnings.catch_warnings():  # deprecated in torchvision 0.29 (TorchCodec), present in 0.26-0.29
+                warnings.simplefilter("ignore", DeprecationWarning)
+                shape = torchvision.io.decode_image(first).shape  # (C, H, W) as stored: C = 1 for greyscale
+            image_size = image_size or shape[-1]
+            in_channels = in_channels or (1 if shape[0] in (1, 2) else 3)
         tf = _image_transform(image_size, in_channels)
         train_ds = torchvision.datasets.ImageFolder(os.path.join(data_root, "train"), transform=tf)
         test_ds = torchvision.datasets.ImageFolder(os.path.join(data_root, split), transform=tf)
