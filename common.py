@@ -366,7 +366,7 @@ NORMALIZATION = {
 DATASETS = ("digits", "mnist", "cifar10", "cifar100", "tinyimagenet", "folder")
 DEFAULT_TEACHER_ARCH = {"digits": "wrn16_2", "mnist": "lenet5", "cifar10": "resnet34", "cifar100": "resnet34",
                         "tinyimagenet": "resnet34_tiny", "folder": "resnet34"}
-DIGITS_IMAGE_SIZE = 16  # 8x8 upscaled: WRNs need >= 8x8 after two stride-2 stages; 32x32 costs ~8x more on a CPU
+DIGITS_IMAGE_SIZE = 16  # 8x8 sources upscaled: a WRN keeps a 4x4 map before pooling; 32x32 is 4x the compute
 
 
 def default_teacher_path(dataset):
@@ -687,12 +687,14 @@ def load_teacher(path, dataset=None, device="cpu", arch=None):
     guessed, num_classes, in_channels = _guess_arch(clean)
     arch = arch or meta.get("arch") or guessed
     if arch is None:
-        fail(f"{path}: its keys match none of {', '.join(MODELS)}; pass --teacher-arch or convert the keys")
+        fail(f"{path}: its keys and shapes match none of {', '.join(MODELS)}; rename its keys to one of these "
+             f"architectures (README: Loading an official teacher checkpoint)")
     model = build_model(arch, meta.get("num_classes", num_classes), meta.get("in_channels", in_channels))
     try:
         model.load_state_dict(clean, strict=True)
     except RuntimeError as e:
-        fail(f"{path} does not fit architecture {arch} ({str(e).splitlines()[0]}); pass the right --teacher-arch")
+        fail(f"{path} does not fit architecture {arch} ({str(e).splitlines()[0]}); check that the file is an "
+             f"unmodified checkpoint of {arch}, or re-save it with train_teacher.py")
     if fmt != "dfkd-ref":
         ds = dataset or "unknown"
         if ds == "cifar100" and fmt in ("raw", "pickled-module"):

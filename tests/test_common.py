@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import common
-from common import (BNStatsHook, Normalize, bns_loss, build_model, evaluate, load_data, load_teacher,
+from common import (Normalize, bns_loss, build_model, evaluate, load_data, load_teacher,
                     random_crop_flip, register_bn_hooks, save_checkpoint, load_checkpoint, save_teacher)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
