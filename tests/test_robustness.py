@@ -100,6 +100,27 @@ def test_tables_match_hand_computed_values(tmp_path):
     assert "here it holds for both" in md
 
 
+
+def test_claim_counts_a_tie_that_float_rounding_hides(tmp_path):
+    """Accuracies are multiples of 100/540 on digits. cmi's gaps (538-534)/540 and (536-532)/540 are both 4 test
+    images, but in floats their range is 1.4e-14, not 0; ta_dfkd's gaps are exactly equal (range 0). Both have the
+    smallest spread: the report must name both and count the claim as holding, not pick one by float noise.
+    Drops: cmi acc_max - acc_last = 1.0 on each teacher -> 1.0; ta_dfkd 0.5 -> 0.5, the smallest alone."""
+    def acc(correct):  # as evaluate() computes it
+        return 100 * correct / 540
+    runs = tmp_path / "runs"
+    for name, teacher, correct in (("T1", "t1", 538), ("T2", "t2", 536)):
+        tacc, cmi_max = acc(correct), acc(correct - 4)
+        write_run(runs, f"cmi-{name}-s0", "cmi", teacher, tacc, 0, cmi_max - 1.0, cmi_max, cmi_max)
+        write_run(runs, f"ta_dfkd-{name}-s0", "ta_dfkd", teacher, tacc, 0, tacc - 0.5, tacc, tacc)
+    out = tmp_path / "report"
+    robustness.main(["--collect", str(runs), "--out", str(out)])
+    assert 0 < abs((acc(538) - acc(534)) - (acc(536) - acc(532))) < 1e-9  # the float noise this test is about
+    md = (out / "results.md").read_text()
+    assert "- smallest gap spread across teachers (range): **cmi**, **ta_dfkd** (0.00, a tie)" in md
+    assert "- smallest mean end-of-training drop: **ta_dfkd** (0.50)" in md
+    assert "here it holds for both" in md
+
 def make_teacher(path, acc):
     save_teacher(str(path), build_model("wrn16_2", 10, 1), arch="wrn16_2", dataset="digits", num_classes=10,
                  in_channels=1, image_size=16, mean=[0.5], std=[0.5], test_acc=acc)
