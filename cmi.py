@@ -18,6 +18,10 @@ Equations (paper text was not available when spec/cmi.md was written: named by t
   Method: L_cr   = InfoNCE(h(f(x_l)), stopgrad h(f(x_g))) over batch + bank, tau   -> loss_cr()
   Method: L      = cr*L_cr + L_inv, minimised over generator, z and head             -> generator_step()
   Method: L_KD   = T^2 KL(sigma(t/T) || sigma(s/T)), batch mean, T = 20             -> loss_kd(), student_step()
+In the common framework of the TA-DFKD paper (Shin & Choi, AAAI 2024, arXiv 2402.12406, Table 1), the
+student minimises Eq. (1) L_KD = E_z[D(T(G(z)), S(G(z)))] and the generator Eq. (2)
+L_G = alpha L_Cls + beta L_Adv + gamma L_Rep. CMI is Eq. (1) with D = T^2 KL at T = 20, and
+Eq. (2) = L_inv (L_Cls = L_oh, L_Adv = L_adv, L_Rep = L_bn) plus its own contrastive term cr*L_cr.
 
 Defaults: the official CIFAR-10 wrn40_2 -> wrn16_1 scratch script (scripts/cmi/scratch_cmi..., README: 88.82 %; the
 90.01 % of Table 1 also needs a pre-inverted 50k set, not shipped). CIFAR-100, Tiny-ImageNet, MNIST, folder and every
@@ -149,12 +153,14 @@ def parse_args(argv=None):
 # -- Losses: one pure function per term ---------------------------------------------------------------------------
 
 def loss_oh(logits_t, targets):
-    """Method: L_oh = CE(T(x_g), y), mean over the batch (contrastive.py: F.cross_entropy(t_out, targets))."""
+    """Method: L_oh = CE(T(x_g), y), mean over the batch (contrastive.py: F.cross_entropy(t_out, targets)); the
+    class prior L_Cls of TA-DFKD Eq. (2)."""
     return F.cross_entropy(logits_t.float(), targets)
 
 
 def loss_adv(logits_s, logits_t):
-    """Method: L_adv = -(1/B) sum_i m_i KL(sigma(t_i) || sigma(s_i)), m_i = [argmax s_i == argmax t_i], T = 1.
+    """Method: L_adv = -(1/B) sum_i m_i KL(sigma(t_i) || sigma(s_i)), m_i = [argmax s_i == argmax t_i], T = 1: the
+    L_Adv of TA-DFKD Eq. (2).
     Pushes the generator to images the student still classifies like the teacher but with a distant distribution.
     OFFICIAL: the mean divides by B (masked rows count as 0), neither logit detached. Mask by product: no sync."""
     s, t = logits_s.float(), logits_t.float()
@@ -176,7 +182,8 @@ def loss_cr(q, k, tau, n_cur):
 
 
 def loss_kd(logits_s, logits_t, T):
-    """Method: L_KD = T^2 * KL(sigma(t/T) || sigma(s/T)), batch mean (criterions.KLDiv, T = 20 in all CMI scripts)."""
+    """Method: L_KD = T^2 * KL(sigma(t/T) || sigma(s/T)), batch mean (criterions.KLDiv, T = 20 in all CMI scripts):
+    TA-DFKD Eq. (1) with D = T^2 KL."""
     return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.softmax(logits_t.float() / T, 1),
                     reduction="batchmean") * T * T
 

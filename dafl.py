@@ -14,6 +14,10 @@ Equations (named by the paper's symbols; the numbering could not be checked agai
   L_Total  generator loss  oh L_oh + ie L_ie + a L_a (paper: L_oh + alpha L_a + beta L_ie)  ->  loss_generator()
   L_KD     student loss    1/B sum_i KL(softmax(y_T^i) || softmax(y_S^i)), T = 1     ->  loss_kd()
   Alg. 1   one joint backward of L_Total + L_KD per iteration, then a G step and an S step  ->  joint_step()
+In the common framework of the TA-DFKD paper (Shin & Choi, AAAI 2024, arXiv 2402.12406, Table 1), the
+student minimises Eq. (1) L_KD = E_z[D(T(G(z)), S(G(z)))] and the generator Eq. (2)
+L_G = alpha L_Cls + beta L_Adv + gamma L_Rep. DAFL is Eq. (1) with D = KL, and Eq. (2) with
+L_Cls = L_oh (class prior), beta = 0, L_Rep = L_a (activation); L_ie, its class-balance term, is an extra term.
 
 Defaults (DAFL-train.py argparse defaults and the official README commands, spec/dafl.md 2):
   mnist     LeNet-5 -> LeNet-5-half, 200 epochs x 120 iterations, batch 512, nz 100, G Adam 0.2, S Adam 2e-3,
@@ -209,12 +213,14 @@ def loss_information_entropy(logits_t):
 
 
 def loss_generator(l_oh, l_ie, l_a, oh, ie, a):
-    """L_Total = oh L_oh + ie L_ie + a L_a (paper: L_oh + alpha L_a + beta L_ie; official flags --oh --ie --a)."""
+    """L_Total = oh L_oh + ie L_ie + a L_a (paper: L_oh + alpha L_a + beta L_ie; official flags --oh --ie --a).
+    TA-DFKD Eq. (2) with L_Cls = L_oh, no L_Adv, L_Rep = L_a, plus L_ie."""
     return oh * l_oh + ie * l_ie + a * l_a
 
 
 def loss_kd(logits_s, logits_t):
-    """L_KD = 1/B sum_i sum_k q_ik (log q_ik - log p_ik), q = softmax(y_T), p = softmax(y_S): KL(T || S) at T = 1.
+    """L_KD = 1/B sum_i sum_k q_ik (log q_ik - log p_ik), q = softmax(y_T), p = softmax(y_S): KL(T || S) at T = 1,
+    TA-DFKD Eq. (1) with D = KL.
 
     OFFICIAL `kdloss`: F.kl_div(log_softmax(y_S), softmax(y_T), summed) / B. No temperature, no T^2, no hard-label
     term. The paper writes cross-entropy H(y_S, y_T), which differs by T's entropy: same gradient for S.

@@ -100,7 +100,6 @@ def test_tables_match_hand_computed_values(tmp_path):
     assert "here it holds for both" in md
 
 
-
 def test_claim_counts_a_tie_that_float_rounding_hides(tmp_path):
     """Accuracies are multiples of 100/540 on digits. cmi's gaps (538-534)/540 and (536-532)/540 are both 4 test
     images, but in floats their range is 1.4e-14, not 0; ta_dfkd's gaps are exactly equal (range 0). Both have the
@@ -120,6 +119,7 @@ def test_claim_counts_a_tie_that_float_rounding_hides(tmp_path):
     assert "- smallest gap spread across teachers (range): **cmi**, **ta_dfkd** (0.00, a tie)" in md
     assert "- smallest mean end-of-training drop: **ta_dfkd** (0.50)" in md
     assert "here it holds for both" in md
+
 
 def make_teacher(path, acc):
     save_teacher(str(path), build_model("wrn16_2", 10, 1), arch="wrn16_2", dataset="digits", num_classes=10,
