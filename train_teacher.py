@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (DATASETS, DEFAULT_TEACHER_ARCH, MODELS, Normalize, autocast, build_model, default_teacher_path,
-                    evaluate, fail, get_rng_state, load_checkpoint, load_data, load_teacher, pick_device,
+                    check_amp, evaluate, fail, get_rng_state, load_checkpoint, load_data, load_teacher, pick_device,
                     random_crop_flip, save_checkpoint, save_teacher, seed_everything, set_rng_state)
 
 RECIPES = {  # optimizer, lr, weight decay, batch, epochs, lr milestones (x0.1), crop padding, horizontal flip
@@ -46,6 +46,20 @@ RECIPES = {  # optimizer, lr, weight decay, batch, epochs, lr milestones (x0.1),
     "folder": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, batch_size=128, epochs=200, milestones=[80, 120],
                    padding=4, flip=True),
 }
+
+
+def train_step(model, opt, normalize, x, y, padding, flip, amp="off", channels_last=False):
+    """One SGD/Adam step on cross-entropy of a real batch x (B, C, H, W) in [0, 1], labels y (B,); returns the
+    detached loss. Augmentation (crop + flip) on the device: no CPU augmentation workers. bench.py times this."""
+    x = random_crop_flip(x, padding, flip)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, amp):
+        loss = F.cross_entropy(model(normalize(x)), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
 
 
 def parse_args(argv=None):
@@ -76,8 +90,10 @@ def parse_args(argv=None):
                    "the resume state (for testing --resume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16", help="autocast on CUDA (ignored on CPU)")
-    p.add_argument("--channels-last", type=int, choices=[0, 1], default=1, help="channels_last on CUDA")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="autocast on any device, fp16 CUDA "
+                   "only (default: bf16 on CUDA, off on the CPU)")
+    p.add_argument("--channels-last", type=int, choices=[0, 1], default=None, help="channels_last memory format "
+                   "(default: 1 on CUDA, 0 on the CPU)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (default: ~20 evals a run)")
     args = p.parse_args(argv)
     recipe = RECIPES[args.dataset]
@@ -105,10 +121,16 @@ def main(argv=None):
     state_path = os.path.splitext(args.out)[0] + ".state.pt"
     if os.path.exists(args.out) and not (args.overwrite or args.resume):
         _, meta = load_teacher(args.out, args.dataset)
-        print(f"teacher {args.out} exists (test acc {meta['test_acc']:.2f}%); kept. Pass --overwrite to retrain.")
+        print(f"teacher {args.out} exists; kept. Pass --overwrite to retrain.")  # load_teacher printed its accuracy
         return meta
     state = load_checkpoint(state_path) if args.resume else None
+    if state is not None and not {"arch", "num_classes"} <= set(state):
+        fail(f"{state_path} is not a train_teacher.py resume state (it lacks the model/optimizer/epoch entries); "
+             f"drop --resume to train from scratch, or pass the --out of the interrupted teacher run")
     device = pick_device(args.device)
+    check_amp(args.amp, device)
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")  # CPU default off: unchanged by issue 14
+    args.channels_last = int(device.type == "cuda") if args.channels_last is None else args.channels_last
     seed_everything(args.seed)
     image_size = args.image_size or (32 if args.arch.startswith("lenet") else None)
     data = load_data(args.dataset, args.data_root, args.batch_size, 512, image_size, args.in_channels, device=device)
@@ -116,7 +138,7 @@ def main(argv=None):
         fail(f"{state_path} is a {state['arch']} with {state['num_classes']} classes but this run is a {args.arch} "
              f"on {args.dataset} with {data.num_classes}; pass the same --dataset/--arch or drop --resume")
     model = build_model(args.arch, data.num_classes, data.in_channels).to(device)
-    channels_last = bool(args.channels_last) and device.type == "cuda"
+    channels_last = bool(args.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     normalize = Normalize(data.mean, data.std).to(device)
@@ -127,6 +149,8 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, 0.1)
     start_epoch, acc = 0, 0.0
     if state is not None:
+        if not {"model", "opt", "sched", "rng", "epoch", "acc"} <= set(state):
+            fail(f"{state_path} is an incomplete resume state; drop --resume to train from scratch")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -143,15 +167,8 @@ def main(argv=None):
         t_epoch, seen, loss_sum = time.time(), 0, torch.zeros((), device=device)
         for x, y in data.train:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = random_crop_flip(x, args.padding, bool(args.flip))  # on the device: no CPU augmentation workers
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, args.amp):
-                loss = F.cross_entropy(model(normalize(x)), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * y.numel()
+            loss = train_step(model, opt, normalize, x, y, args.padding, bool(args.flip), args.amp, channels_last)
+            loss_sum += loss * y.numel()
             seen += y.numel()
         sched.step()
         if epoch % args.eval_every == 0 or epoch == args.epochs or epoch in args.snapshot_epochs:
