@@ -33,7 +33,9 @@ Differences from the official code (spec/cmi.md 7):
     bank is 40,960 x 2D float32 = 886 MB for wrn40_2 (D = 2704), 168 MB for resnet34 (D = 512). checkpoint.pt holds
     both (~1 GB for wrn40_2 at the end).
   - Full-bank NaN fixed (contrastive.py MemoryBank.get_data): when n_updates == bank_size the official code samples
-    zero cached rows, the second mean is NaN and the head is NaN for the rest of the run. We sample from the
+    zero cached rows: that round's loss is NaN at every iteration, never beats best_cost, so the round keeps the
+    reset generator's iteration-0 images and features. Gradients stay finite, the head does not become NaN, the next
+    round is finite: one round (160, 0-indexed) of CIFAR-10's 200, 256 of 51,200 images. We sample from the
     min(n_updates, bank_size) rows written, and loss_cr() takes the second mean only when cached rows are present.
   - Augmentation is batched on the device: RandomResizedCrop (local view) by affine_grid/grid_sample with the size
     clamped to the image instead of kornia's rejection sampling; crop padding image_size/8 (4 at 32 px).
@@ -62,11 +64,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DATASETS, Generator, Normalize, acc_last_k, autocast, build_model, check_finite,
+from common import (DATASETS, Generator, Normalize, acc_last_k, autocast, build_model, check_amp, check_finite,
                     check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
                     load_checkpoint, load_data, load_teacher, MetricLogger, pick_device, prepare_run_dir,
-                    random_crop_flip, register_bn_hooks, bns_loss, save_checkpoint, save_config, seed_everything,
-                    set_rng_state, to_floats)
+                    random_crop_flip, register_bn_hooks, bns_loss, save_checkpoint, save_config, save_sample_grid,
+                    seed_everything, set_rng_state, to_floats)
 
 # scripts/cmi/scratch_cmi... (CIFAR-10 wrn40_2 -> wrn16_1) + hard-wired values of datafree_kd.py (nz, bank, n_neg, head).
 C10 = dict(batch_size=128, synthesis_batch_size=256, epochs=200, kd_steps=400, g_steps=200, lr_g=1e-3, lr=0.1,
@@ -102,10 +104,11 @@ def parse_args(argv=None):
     a("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
     a("--epochs", type=int, default=None, help="epochs = synthesis rounds (official --epochs, C10 200)")
     a("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
-    a("--amp", default="off", choices=["bf16", "fp16", "off"], help="autocast on CUDA (off until benchmarked)")
-    a("--channels-last", action="store_true", help="channels_last memory format on CUDA")
+    a("--amp", default="off", choices=["bf16", "fp16", "off"], help="autocast, CPU or CUDA (off until benchmarked)")
+    a("--channels-last", action="store_true", help="channels_last memory format (CPU and CUDA)")
     a("--eval-every", type=int, default=1, help="evaluate every N epochs (official: every epoch)")
-    a("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
+    a("--save-every", type=int, default=1, help="checkpoint every N epochs and at the end (ours; default 1: a "
+      "killed run loses at most one epoch, about a minute of GPU time at paper scale)")
     a("--save-images", type=int, default=None, choices=[0, 1], help="write samples_<epoch>.png (digits 1, else 0)")
     a("--stop-after", type=int, default=None, help="stop after this epoch as if interrupted (resume test)")
     a("--batch-size", type=int, default=None, help="KD batch size (official --batch_size, C10 128)")
@@ -238,7 +241,7 @@ class FeatureBank:
 
     def sample(self, n_neg):
         """min(n_neg, rows written) distinct random rows. OFFICIAL: draws among the first `ptr` rows until the bank
-        has wrapped past full, so at n_updates == size (ptr back at 0) it returned zero rows -> NaN (spec bug 1)."""
+        has wrapped past full, so at n_updates == size (ptr back at 0) it gave zero rows: NaN loss that round."""
         n = self.filled()
         idx = torch.randperm(n, device=self.data.device)[:min(n_neg, n)]
         return self.data[idx]
@@ -420,7 +423,10 @@ def train(args, teacher, meta, data, device):
     start_epoch, step, elapsed0 = 0, 0, 0.0
     if args.resume:
         start_epoch, step, elapsed0 = load_state(ctx, load_checkpoint(ckpt_path))
-    logger = MetricLogger(args.out, args.epochs, start_epoch)
+    # a teacher whose recorded accuracy is not digest-verified (or an official file) is measured here
+    teacher_acc = meta.get("test_acc") or evaluate(teacher, data.test, ctx["normalize"], device, args.amp,
+                                                   args.channels_last)
+    logger = MetricLogger(args.out, args.epochs, start_epoch, teacher_acc=teacher_acc)
     pool, bank, opt_s = ctx["pool"], ctx["bank"], ctx["opt_s"]
     t0 = t_last = time.time()
     seen, sums, n_sums = 0, {}, 0
@@ -457,16 +463,17 @@ def train(args, teacher, meta, data, device):
                       "elapsed_s": elapsed0 + now - t0}
             logger.log(record)
             seen, sums, n_sums, t_last = 0, {}, 0, now
-            if args.save_images:
-                import torchvision.utils as vutils
-                vutils.save_image(x_best[:64].float().cpu(), os.path.join(args.out, f"samples_{done}.png"), nrow=8)
+            if args.save_images:  # SYNC: the teacher's classes of the last synthesized batch, once per evaluation
+                with torch.no_grad():
+                    labels = ctx["teacher"](ctx["normalize"](x_best.float())).argmax(1)
+                save_sample_grid(os.path.join(args.out, f"samples_{done}.png"), x_best, labels)
         stopping = args.stop_after is not None and done == args.stop_after
         if done % args.save_every == 0 or done == args.epochs or stopping:
             save_state(ctx, ckpt_path, done, step, elapsed0 + time.time() - t0, logger.history)
         if stopping:
             print(f"stopped after epoch {done} (--stop-after); continue with --resume", flush=True)
             return None
-    return finish_run(args.out, "cmi", args.dataset, meta.get("test_acc") or float("nan"), logger.history,
+    return finish_run(args.out, "cmi", args.dataset, teacher_acc, logger.history,
                       args.last_k, args.epochs, elapsed0 + time.time() - t0, args.seed, student=args.student,
                       teacher_arch=meta["arch"])
 
@@ -474,6 +481,7 @@ def train(args, teacher, meta, data, device):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    check_amp(args.amp, device)
     teacher, meta = load_teacher(args.teacher, args.dataset, device)
     if not any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()):
         fail(f"teacher {meta['arch']} has no BatchNorm2d layer, which CMI's L_bn and features need; use a BN teacher")
@@ -486,7 +494,7 @@ def main(argv=None):
     check_teacher_data(meta, data)
     if args.resume and os.path.isfile(os.path.join(args.out, "summary.json")):  # never overwrite a finished run
         fail(f"{args.out} holds a finished run (summary.json); choose another --out")
-    prepare_run_dir(args.out, args.resume)
+    prepare_run_dir(args.out, args.resume, args)  # on --resume: checkpoint verified, same flags, before any write
     seed_everything(args.seed)
     save_config(args.out, args, device)
     return train(args, teacher, meta, data, device)

@@ -66,12 +66,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import save_image
 
-from common import (DATASETS, MODELS, DAFLGenerator, MetricLogger, Normalize, autocast, build_model, check_finite,
-                    check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
-                    load_checkpoint, load_data, load_teacher, pick_device, prepare_run_dir, save_checkpoint,
-                    save_config, seed_everything, set_rng_state, to_floats)
+from common import (DATASETS, MODELS, DAFLGenerator, MetricLogger, Normalize, autocast, build_model, check_amp,
+                    check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
+                    load_data, load_teacher, pick_device, prepare_run_dir, save_checkpoint,
+                    save_config, save_sample_grid, seed_everything, set_rng_state, to_floats)
 
 _CIFAR10 = dict(student="resnet18", epochs=2000, iters_per_epoch=120, batch_size=1024, nz=1000, ngf=64,
                 lr_generator=0.02, lr_student=0.1, student_optimizer="sgd", weight_decay=5e-4, milestones="800,1600",
@@ -109,8 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="epochs of --iters-per-epoch iterations (official "
                    "--n_epochs: 200 MNIST, 2000 CIFAR)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off", help="autocast on CUDA (losses in fp32)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off", help="autocast, any device (losses fp32)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (CPU and CUDA)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (official: every epoch)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N epochs (default: --eval-every)")
     p.add_argument("--save-images", type=int, choices=[0, 1], default=None, help="write samples_<epoch>.png, the "
@@ -279,7 +278,7 @@ def student_lr(base_lr, epoch0, milestones, gamma=0.1):
 
 def train(args, teacher, teacher_acc, data, device, ck=None):
     """The official loop: epochs x iters_per_epoch joint steps, student evaluated on real test data after epochs."""
-    channels_last = args.channels_last and device.type == "cuda"
+    channels_last = args.channels_last
     normalize = Normalize(data.mean, data.std).to(device)  # real test images only; G's output is already standardised
     student = build_model(args.student, data.num_classes, data.in_channels).to(device)
     generator = DAFLGenerator(args.nz, args.ngf, data.image_size, data.in_channels, bn_eps=args.bn_eps).to(device)
@@ -307,7 +306,7 @@ def train(args, teacher, teacher_acc, data, device, ck=None):
         start_epoch, step, n_it, wall_before = ck["epoch"], ck["step"], ck["n_it"], ck["wall_s"]
         set_rng_state(ck["rng"])
         print(f"resumed {ckpt_path} at epoch {start_epoch}", flush=True)
-    logger = MetricLogger(args.out, args.epochs, start_epoch)
+    logger = MetricLogger(args.out, args.epochs, start_epoch, teacher_acc=teacher_acc)
     if ck is not None:
         logger.history = list(ck["history"])
     w = (args.oh, args.ie, args.a)
@@ -342,9 +341,9 @@ def train(args, teacher, teacher_acc, data, device, ck=None):
             record["img_per_s"] = n_it * args.batch_size / max(train_s, 1e-9)  # synthetic images, eval excluded
             record["elapsed_s"] = wall_before + time.time() - t0
             logger.log(record)
-            if args.save_images:  # SYNC: the batch T and S last trained on, back in [0, 1] pixels for viewing
-                imgs = normalize.inverse(x_syn[:64].float()).clamp(0, 1)
-                save_image(imgs, os.path.join(args.out, f"samples_{epoch}.png"), nrow=8)
+            if args.save_images:  # SYNC: the batch T and S last trained on, back in [0, 1] pixels, by T's class
+                imgs = normalize.inverse(x_syn.float()).clamp(0, 1)
+                save_sample_grid(os.path.join(args.out, f"samples_{epoch}.png"), imgs, logits_t.argmax(1))
             meters = {k: torch.zeros_like(v) for k, v in meters.items()}
             n_it = 0
             t_interval = time.time()
@@ -364,6 +363,7 @@ def train(args, teacher, teacher_acc, data, device, ck=None):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    check_amp(args.amp, device)
     teacher, meta = load_teacher(args.teacher, args.dataset, device)
     data = load_data(args.dataset, args.data_root, args.batch_size, 512, meta.get("image_size"),
                      meta.get("in_channels"), meta.get("mean"), meta.get("std"), device)
@@ -377,14 +377,8 @@ def main(argv=None):
     except RuntimeError:
         fail(f"student {args.student} cannot take {data.in_channels}x{data.image_size}x{data.image_size} inputs; "
              f"pass another --student")
-    prepare_run_dir(args.out, args.resume)
-    ck = load_checkpoint(os.path.join(args.out, "checkpoint.pt")) if args.resume else None
-    if ck is not None:  # a resumed run must be the same experiment (only its length and bookkeeping may change)
-        free = {"epochs", "resume", "device", "eval_every", "save_every", "save_images", "stop_after", "data_root"}
-        diff = [k for k, v in ck["config"].items() if k not in free and getattr(args, k, None) != v]
-        if diff:
-            fail(f"--resume with different settings than {args.out}/config.json ({', '.join(diff)}); pass the "
-                 f"original values")
+    # on --resume: the checkpoint, verified, of the same experiment (only its length and bookkeeping may change)
+    ck = prepare_run_dir(args.out, args.resume, args)
     seed_everything(args.seed)
     save_config(args.out, args, device)
     teacher_acc = evaluate(teacher, data.test, Normalize(data.mean, data.std).to(device), device, args.amp)

@@ -27,6 +27,8 @@ Defaults (official scripts, spec/dfad.md section 2; the paper's Table 2 was prod
   digits    ours, scaled down to run in < 3 min on 2 CPU cores: see PAPER_DEFAULTS['digits'].
   Generator: common.DAFLGenerator with bn_eps=1e-5 is DFAD's GeneratorA (Tanh + affine-free BN output, i.e. batch-
   standardised images fed to T and S as they are). Real test images are normalised with the teacher's statistics.
+  Student init: ResNets as network/resnet_8x.py (Conv2d kaiming_normal_ fan_out/relu, BN weight 1 bias 0; DAFL's
+  and TA-DFKD's keep PyTorch's default) -> build_student(); LeNet-5-half and the digits WRN-16-1 are unchanged.
 
 Differences from the official code (DFAD_cifar.py / DFAD_mnist.py, `train` and `main`):
   - LR schedule: the official scripts call scheduler.step() at the *start* of every epoch, so MultiStepLR([100, 200])
@@ -61,12 +63,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import save_image
 
-from common import (DATASETS, MODELS, DAFLGenerator, MetricLogger, Normalize, autocast, build_model, check_finite,
-                    check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
-                    load_checkpoint, load_data, load_teacher, pick_device, prepare_run_dir, save_checkpoint,
-                    save_config, seed_everything, set_rng_state, to_floats)
+from common import (DATASETS, MODELS, DAFLGenerator, MetricLogger, Normalize, autocast, build_model, check_amp,
+                    check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
+                    load_data, load_teacher, pick_device, prepare_run_dir, save_checkpoint,
+                    save_config, save_sample_grid, seed_everything, set_rng_state, to_floats)
 
 _CIFAR = dict(student="resnet18", nz=256, ngf=64, batch_size=256, epochs=500, iters_per_epoch=50, lr_student=0.1,
               weight_decay=5e-4, lr_generator=1e-3, milestones="100,200", k=10)
@@ -106,8 +107,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="epochs of --iters-per-epoch iterations "
                    "(official: 40 MNIST, 500 CIFAR)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off", help="autocast on CUDA (losses in fp32)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off", help="autocast, any device (losses fp32)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (CPU and CUDA)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (official: every epoch)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N epochs (default: --eval-every)")
     p.add_argument("--save-images", type=int, choices=[0, 1], default=None, help="write samples_<epoch>.png "
@@ -190,8 +191,24 @@ def loss_generator(mae, log=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One update of each player
+# The student, and one update of each player
 # ---------------------------------------------------------------------------------------------------------------
+
+def build_student(name, num_classes, in_channels):
+    """OFFICIAL (network/resnet_8x.py): DFAD's ResNets, after PyTorch's default init, re-draw every Conv2d weight by
+    kaiming_normal_(mode='fan_out', nonlinearity='relu') and set BN weight 1 / bias 0 (Linear: default). DAFL's and
+    TA-DFKD's ResNets keep the default, so this is DFAD's own, not common.build_model's. LeNet-5-half (DFAD's MNIST
+    student) and the WRNs (already fan_out-normal in common.py) are built unchanged."""
+    student = build_model(name, num_classes, in_channels)
+    if name.startswith("resnet"):
+        for m in student.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.constant_(m.weight, 1)
+                torch.nn.init.constant_(m.bias, 0)
+    return student
+
 
 def synthesize(generator, z, channels_last=False):
     """x_syn = G(z), (B, C, H, W), batch-standardised by GeneratorA's final BN; fed to T and S without Normalize."""
@@ -256,9 +273,9 @@ def make_schedulers(opt_s, opt_g, milestones, gamma, one_epoch_early=True):
 
 def train(args, teacher, teacher_acc, data, device, ck=None):
     """The official loop: epochs x iters_per_epoch x (student_steps S steps + 1 G step), eval after each epoch."""
-    channels_last = args.channels_last and device.type == "cuda"
+    channels_last = args.channels_last
     normalize = Normalize(data.mean, data.std).to(device)  # real test images only
-    student = build_model(args.student, data.num_classes, data.in_channels).to(device)
+    student = build_student(args.student, data.num_classes, data.in_channels).to(device)  # resnet_8x init
     # DFAD's GeneratorA = DAFL's generator with default BN eps (spec/models.md section 3)
     generator = DAFLGenerator(args.nz, args.ngf, data.image_size, data.in_channels, bn_eps=1e-5).to(device)
     if channels_last:
@@ -284,7 +301,7 @@ def train(args, teacher, teacher_acc, data, device, ck=None):
         start_epoch, step, n_g, wall_before = ck["epoch"], ck["step"], ck["n_g"], ck["wall_s"]
         set_rng_state(ck["rng"])
         print(f"resumed {ckpt_path} at epoch {start_epoch}", flush=True)
-    logger = MetricLogger(args.out, args.epochs, start_epoch)
+    logger = MetricLogger(args.out, args.epochs, start_epoch, teacher_acc=teacher_acc)
     if ck is not None:
         logger.history = list(ck["history"])
     # fixed latent codes for the sample grids, from their own RNG so saving images never changes training
@@ -333,9 +350,11 @@ def train(args, teacher, teacher_acc, data, device, ck=None):
             if args.save_images:
                 generator.eval()
                 with torch.no_grad():
-                    imgs = normalize.inverse(generator(z_vis).float()).clamp(0, 1)
+                    x_vis = generator(z_vis)
+                    labels = teacher(x_vis).argmax(1)  # the teacher's classes of the images shown
+                    imgs = normalize.inverse(x_vis.float()).clamp(0, 1)
                 generator.train()
-                save_image(imgs, os.path.join(args.out, f"samples_{epoch}.png"), nrow=8)  # SYNC: once per eval
+                save_sample_grid(os.path.join(args.out, f"samples_{epoch}.png"), imgs, labels)  # SYNC: once per eval
             meters = {k: torch.zeros_like(v) for k, v in meters.items()}
             n_g = 0
         if epoch % args.save_every == 0 or epoch == args.epochs or epoch == args.stop_after:
@@ -356,6 +375,7 @@ def train(args, teacher, teacher_acc, data, device, ck=None):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    check_amp(args.amp, device)
     teacher, meta = load_teacher(args.teacher, args.dataset, device)
     data = load_data(args.dataset, args.data_root, args.batch_size, 512, meta.get("image_size"),
                      meta.get("in_channels"), meta.get("mean"), meta.get("std"), device)
@@ -369,14 +389,8 @@ def main(argv=None):
     except RuntimeError:
         fail(f"student {args.student} cannot take {data.in_channels}x{data.image_size}x{data.image_size} inputs; "
              f"pass another --student")
-    prepare_run_dir(args.out, args.resume)
-    ck = load_checkpoint(os.path.join(args.out, "checkpoint.pt")) if args.resume else None
-    if ck is not None:  # a resumed run must be the same experiment (only its length and bookkeeping may change)
-        free = {"epochs", "resume", "device", "eval_every", "save_every", "save_images", "stop_after", "data_root"}
-        diff = [k for k, v in ck["config"].items() if k not in free and getattr(args, k, None) != v]
-        if diff:
-            fail(f"--resume with different settings than {args.out}/config.json ({', '.join(diff)}); pass the "
-                 f"original values")
+    # on --resume: the checkpoint, verified, of the same experiment (only its length and bookkeeping may change)
+    ck = prepare_run_dir(args.out, args.resume, args)
     seed_everything(args.seed)
     save_config(args.out, args, device)
     teacher_acc = evaluate(teacher, data.test, Normalize(data.mean, data.std).to(device), device, args.amp)

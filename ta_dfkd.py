@@ -2,24 +2,22 @@
 Hyunjune Shin, Dong-Wan Choi. AAAI 2024. Official code: bigdata-inha/TA-DFKD-Official @5cb7f8a.
 
 A generator G is trained without a class prior: it maximises teacher-student disagreement (1 - JS) and matches the
-teacher's BatchNorm statistics (+ TV and L2 image priors). The teacher acts as a lenient expert: per generated batch
-it scores every sample by its cross-entropy against its own argmax, a 2-component 1-D GMM splits the scores, and only
-samples likely under the low-loss component are used for the student's L1 logit distillation and the adversarial
-term. Each iteration: 10 student steps on exactly B clean samples, then 1 generator step.
+teacher's BatchNorm statistics (+ TV and L2 priors). The teacher is a lenient expert: it scores each generated sample
+by its CE against its own argmax, a 2-component 1-D GMM splits the batch's scores, and only low-loss samples feed the
+student's L1 logit distillation and the adversarial term. Per iteration: 10 student steps on B clean samples, 1 G step.
 
 Equations (paper numbers (1)-(3); unnumbered ones by section and symbol)
   Eq. (1)  L_KD = E_z D(T(G(z)), S(G(z)))                                   -> loss_kd()
-  Eq. (3)  L_G = beta*L_Adv + gamma*L_Rep (no class prior, Eq. (2) alpha=0)   -> generator_step()
+  Eq. (2)  L_G = alpha*L_Cls + beta*L_Adv + gamma*L_Rep; Eq. (3) = TA-DFKD's alpha = 0 -> loss_cls(), generator_step()
   Methodology: l_adv = 1 - JSD(T(x), S(x))                                  -> loss_adv_official(), loss_adv_textbook()
   Methodology: l_rep = l_bns + lambda*l_var + (1-lambda)*l_l2               -> common.bns_loss(), loss_tv(), loss_l2()
   Methodology: delta_tau(x) = 1[Pr(G_small | l_ce(T(x), y_T(x))) > tau]   -> teacher_ce(), select_clean()
   Overall process: L_Adv, L_KD over selected samples, L_Rep over all     -> generator_step(), student_step()
 
-Defaults: official code (TA-DFKD-main-CIFAR.py / -TinyImageNet.py argparse + README commands), which produced Table 3
-and Table A1: batch 1024, latent 1000, 36 iterations/epoch, 10 student steps + 1 generator step, Adam lr_G 1e-3,
-SGD lr_S 0.01 (momentum 0.9, wd 5e-4, cosine stepped at epoch start), weights adv 1, BNS 10, TV 1.5e-5, L2 6e-3,
-tau 0.5, GMM(max_iter 10, tol 1e-2, reg_covar 5e-4), JS temperature 3. Epochs: CIFAR-10 200, CIFAR-100 and
-TinyImageNet 500. Digits (ours, scaled down): see PAPER_DEFAULTS['digits'].
+Defaults: official code (TA-DFKD-main-CIFAR.py / -TinyImageNet.py argparse + README commands; Tables 3, A1): batch
+1024, latent 1000, 36 iterations/epoch of 10 S + 1 G steps, Adam lr_G 1e-3, SGD lr_S 0.01 (momentum 0.9, wd 5e-4,
+cosine stepped at epoch start), weights adv 1, BNS 10, TV 1.5e-5, L2 6e-3, tau 0.5, GMM(max_iter 10, tol 1e-2,
+reg_covar 5e-4), JS temperature 3; epochs C10 200, C100/Tiny 500. Digits (ours, scaled down): PAPER_DEFAULTS.
 
 Differences from the official code (spec/ta_dfkd.md section 7)
   - CIFAR-100 is scored on the CIFAR-100 test set (official CIF L134 builds CIFAR10 for both datasets: a bug).
@@ -28,16 +26,14 @@ Differences from the official code (spec/ta_dfkd.md section 7)
   - Selection (SEL `split`): sklearn GaussianMixture on CPU (float32, k-means++ init from numpy's global RNG) ->
     the same EM in float64 on the device, initialised by the exact 1-D 2-means split. Same init: posteriors equal
     sklearn's to 1e-8; default: masks differ from sklearn's no more than sklearn's differ across its seeds (tested).
-  - Cases the official code crashes on are defined: constant CE over a batch (0/0 -> sklearn ValueError) keeps all
-    samples; a generator batch with nothing selected gets L_Adv = 0 and L_BNS on all samples (official: reshape
-    crash); a student step that finds < B clean samples in --max-rounds generator batches (official: endless loop)
-    tops up with the lowest-CE rejected samples.
-  - Student gather (CIF L183-210): distribution-equivalent, not RNG-identical: the random subset of the last round
-    is drawn with torch (random keys + topk) instead of python `random.sample`, and the round the official code
-    wastes when the buffer hits exactly B is skipped. Order inside the batch differs (irrelevant to every loss).
-  - Teacher frozen (official: logits not detached, grads pile up in its unused .grad); student params frozen in
-    the generator step (official: their grads are zeroed before use). Numerically equivalent for S and G.
-  - Selection CE reuses the teacher logits of the un-augmented view (official re-forwards it in chunks of 32).
+  - Official crashes defined: constant CE over a batch (0/0 -> sklearn ValueError) keeps all samples; a G batch
+    with nothing selected gets L_Adv = 0 and L_BNS on all samples (official: reshape crash); an S step finding < B
+    clean samples in --max-rounds batches (official: endless loop) tops up with the lowest-CE rejected samples.
+  - Student gather (CIF L183-210): distribution-equivalent, not RNG-identical: the last round's random subset by torch
+    (random keys + topk), not `random.sample`; the round wasted when the buffer hits exactly B is skipped.
+  - Teacher frozen, and the student in the G step (official: unused grads pile up / are zeroed): same S and G updates.
+  - Selection CE reuses the teacher logits of the un-augmented view (official re-forwards it in chunks of 32),
+    in float64 without cancellation (official float32 CrossEntropyLoss: same values to its 2e-7 rounding).
   - Seed: fixed --seed 0 (official draws random.randint(0, 10000) at import). cudnn.benchmark on unless
     --deterministic. Checkpoints, metrics.jsonl, resume, acc_last[k] are ours (the official prints best acc only).
 
@@ -46,12 +42,13 @@ Run
   python ta_dfkd.py --dataset cifar10 --teacher CIFAR10_9546.pt --amp bf16 --channels-last      # Table 3
   python ta_dfkd.py --dataset cifar100 --teacher CIFAR100_7501.pt --amp bf16 --channels-last
   python ta_dfkd.py --dataset tinyimagenet --teacher TINY_7550.pt --amp bf16 --channels-last    # Table A1
+  python ta_dfkd.py --dataset cifar100 --teacher T.pt --no-selection --alpha 1                 # Table 4 Baseline
   python ta_dfkd.py --out runs/x --resume                      # continue an interrupted run
 Expected (paper Table 3, acc_last[k] +- std / acc_max over 4 runs; ours: blank until measured on a GPU)
   CIFAR-10 T1 (95.46): 94.24 +- 0.1 / 94.43.  CIFAR-100 T1 (77.98): 76.55 +- 0.1 / 76.76.  Tiny T1: 53.00 / 54.84.
-  Digits (ours, CPU 1 thread, seeds 0-2, teacher 99.26 %): final 96.1 +- 2.0 % (96.30, 94.07, 97.96; sample std),
-  acc_last[5] 92.4 %, acc_max 96.7 % (test-selected); kept fraction 0.60-0.66 throughout. `python ta_dfkd.py`
-  (2 threads, near-idle 2-core machine): 95.19 % final, 94.74 % acc_last[5], 96 s wall.
+  Digits (ours, CPU 1 thread, seeds 0-2, teacher 99.26 %, float32 selection CE): final 96.30 / 94.07 / 97.96 %,
+  acc_last[5] 92.4 %, acc_max 96.7 % (test-selected); kept 0.60-0.66. Float64 CE (seed 0, 1 thread, teacher
+  99.63 %): 98.33 % final, 97.41 % acc_last[5] (float32 CE: 98.89 / 97.70 %). `python ta_dfkd.py` on 2 threads: README.
 """
 import argparse
 import math
@@ -60,29 +57,27 @@ import time
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from common import (DATASETS, MODELS, Normalize, TAGenerator, acc_last_k, autocast, bns_loss, build_model,
-                    check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run,
+                    check_amp, check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run,
                     get_rng_state, load_checkpoint, load_data, load_teacher, MetricLogger, pick_device,
-                    prepare_run_dir, register_bn_hooks, save_checkpoint, save_config, seed_everything,
-                    set_rng_state, to_floats)
+                    prepare_run_dir, register_bn_hooks, save_checkpoint, save_config, save_sample_grid,
+                    seed_everything, set_rng_state, to_floats)
 
 _PAPER = dict(epochs=200, iters=36, batch_size=1024, nz=1000, lr_g=1e-3, lr_s=0.01, student="resnet18",
-              crop_padding=4, flip=1, k=20, save_every=10, ngf=64)
+              crop_padding=4, flip=1, k=20, save_every=1, ngf=64)  # ours: a kill loses <= 1 epoch (~1 min on a GPU)
 PAPER_DEFAULTS = {
     "cifar10": dict(_PAPER, k=10),                        # README: --n_epochs 200 --batch_size 1024
     "cifar100": dict(_PAPER, epochs=500),                 # README: --n_epochs 500
     "tinyimagenet": dict(_PAPER, epochs=500, student="resnet18_tiny", crop_padding=0, flip=0),  # TIN: no aug
     "folder": dict(_PAPER, k=10),                         # PAPER-SILENT: CIFAR-10 settings
     "mnist": dict(_PAPER, student="lenet5_half", crop_padding=2, flip=0, k=10),  # PAPER-SILENT: no TA MNIST code
-    # Ours, for 2 CPU cores in < 3 min. Kept: the loop (10 S steps + 1 G step, >= 2 generator batches per S step),
-    # loss weights, tau, GMM, optimisers, cosine. Scaled: batch 1024 -> 16 (at equal compute B=16 reached 92 %,
-    # B=32 70 %: small batches buy more generator updates), 36 x 200 -> 20 x 8 iterations (1,600 S / 160 G steps;
-    # 7 epochs gave 84.8-90.7 %), latent 1000 -> 256, ngf 64 -> 32 (G costs more than the teacher at 16x16), lr_G
-    # 1e-2 and lr_S 0.05 for ~50x fewer updates (lr_G 1e-3, lr_S 0.02 learnt slower). Crop pad 2/16 px, no flip.
+    # Ours, for 2 CPU cores in < 3 min. Kept: the loop (10 S + 1 G steps, >= 2 G batches per S step), loss weights,
+    # tau, GMM, optimisers, cosine. Scaled: batch 1024 -> 16 (equal compute: B=16 reached 92 %, B=32 70 %), 36 x 200
+    # -> 20 x 8 iterations (1,600 S / 160 G steps; 7 epochs gave 84.8-90.7 %), latent 256, ngf 32 (G costs more than
+    # T at 16x16), lr_G 1e-2 and lr_S 0.05 for ~50x fewer updates (1e-3, 0.02 learnt slower). Crop pad 2, no flip.
     "digits": dict(epochs=8, iters=20, batch_size=16, nz=256, ngf=32, lr_g=1e-2, lr_s=0.05, student="wrn16_1",
-                   crop_padding=2, flip=0, k=5, save_every=8),
+                   crop_padding=2, flip=0, k=5, save_every=1),
 }
 
 
@@ -106,6 +101,8 @@ def parse_args(argv=None):
     a("--lr-g", type=float, default=None, help="generator Adam lr (official --lr_G 1e-3, default betas)")
     a("--lr-s", type=float, default=None, help="student SGD lr, momentum 0.9, wd 5e-4, cosine (official --lr_S 0.01)")
     a("--weight-decay", type=float, default=5e-4, help="student SGD weight decay (official 5e-4)")
+    a("--alpha", type=float, default=0.0, help="alpha, weight of L_Cls (Eq. 2; TA-DFKD 0, no such term in its code). "
+      "PAPER-SILENT: Table 4 Baseline uses 1 = the paper's Table 2 'alpha = 1', PRE-DFKD --oh 1, CMI --oh 1")
     a("--beta", type=float, default=1.0, help="beta, weight of L_Adv (Eq. 3; official implicit 1)")
     a("--gamma", type=float, default=10.0, help="gamma, weight of l_bns (Eq. 3; official --BNS 10)")
     a("--r-tv", type=float, default=1.5e-5, help="TV prior weight (not lambda: official --R_tv 1.5e-5)")
@@ -125,11 +122,12 @@ def parse_args(argv=None):
     a("--max-rounds", type=int, default=16, help="max generator batches per student step (ours; official: no cap)")
     a("--k", type=int, default=None, help="acc_last[k] window (paper: 10 CIFAR-10, 20 otherwise)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
-    a("--amp", choices=["bf16", "fp16", "off"], default="off", help="autocast on CUDA (losses, BN stats, GMM in fp32+)")
-    a("--channels-last", action="store_true", help="channels_last memory format on CUDA")
+    a("--amp", choices=["bf16", "fp16", "off"], default="off", help="autocast, any device (losses, BN stats, GMM fp32)")
+    a("--channels-last", action="store_true", help="channels_last memory format (CPU and CUDA)")
     a("--deterministic", action="store_true", help="cudnn deterministic, benchmark off (as the official script)")
     a("--eval-every", type=int, default=1, help="evaluate every N epochs (official: every epoch)")
-    a("--save-every", type=int, default=None, help="checkpoint every N epochs (and at the end)")
+    a("--save-every", type=int, default=None, help="checkpoint every N epochs and at the end (default 1: a killed run "
+      "loses at most one epoch; the official code saves none)")
     a("--save-images", type=int, choices=[0, 1], default=None, help="write samples_<epoch>.png (default: digits 1)")
     a("--stop-after", type=int, default=None, help="stop after epoch N as if interrupted (for testing --resume)")
     args = p.parse_args(argv)
@@ -144,8 +142,8 @@ def parse_args(argv=None):
                  "gmm_iters"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}); pass a positive integer")
-    if not 0.0 <= args.tau < 1.0:
-        fail(f"--tau must lie in [0, 1) (got {args.tau}); the paper uses 0.5")
+    if not 0.0 <= args.tau < 1.0 or args.alpha < 0:
+        fail(f"--tau must lie in [0, 1) and --alpha be >= 0 (got {args.tau}, {args.alpha}); the paper uses 0.5, 0")
     if args.max_rounds < 2 or args.crop_padding < 0 or min(args.lr_g, args.lr_s, args.temperature) <= 0:
         fail("--max-rounds >= 2, --crop-padding >= 0 and positive --lr-g/--lr-s/--temperature are required")
     if args.stop_after is not None and not 1 <= args.stop_after < args.epochs:
@@ -158,6 +156,11 @@ def loss_kd(logits_s, logits_t):
     """Overall process: L_KD = E over selected ||T(x) - S(x)||_1, as CIF L212-214: F.l1_loss on raw logits, i.e.
     the mean over B*K elements (no softmax, no temperature)."""
     return F.l1_loss(logits_s.float(), logits_t.float())
+
+
+def loss_cls(logits_t):
+    """Eq. (2): L_Cls = E_z ce(T(G(z)), y_hat_z), y_hat = T's argmax (DAFL / PRE-DFKD one-hot loss), batch mean."""
+    return F.cross_entropy(logits_t.float(), logits_t.argmax(1))
 
 
 def loss_adv_official(logits_s, logits_t, temperature=3.0):
@@ -198,20 +201,20 @@ def loss_l2(x):
 
 # ---------------------------------------------------------------------------------------------- selection
 def teacher_ce(logits_t):
-    """Methodology: l_ce(T(x), y_T(x)) per sample, CE against the teacher's own argmax = logsumexp(z) - max(z)."""
-    z = logits_t.float()
-    return torch.logsumexp(z, 1) - z.max(1).values
+    """Methodology: l_ce(T(x), y_T(x)) per sample (B,), CE against T's own argmax = logsumexp(z) - max(z), as
+    log1p(sum_{j != argmax} exp(z_j - z_max)) in float64: no cancellation (in float32 steps of ulp(z_max) ~ 1e-6)."""
+    d = logits_t.double() - logits_t.double().max(1, keepdim=True).values  # (B, K), <= 0, 0 at the argmax
+    rest = d.exp().scatter(1, d.argmax(1, keepdim=True), 0.0)              # exp(0) = 1 of the argmax removed
+    return torch.log1p(rest.sum(1))
 
 
 def gmm_small_posterior(x, max_iter=10, tol=1e-2, reg_covar=5e-4, init=None):
     """Methodology: Pr(G_small | l_ce) from a 2-component 1-D GMM fitted to x (B,), as sklearn's
     GaussianMixture(n_components=2, max_iter, tol, reg_covar) (SEL L32) fit + predict_proba, column argmin(means_).
-
     sklearn's EM in float64 on x's device, no host sync: parameters from hard 2-means responsibilities, then up to
     max_iter E+M steps, frozen by a mask once the E-step's mean log-likelihood moves < tol; a final E-step gives
     the posteriors. OURS: the 2-means split is the exact optimum (best threshold of the sorted data); sklearn runs
-    seeded k-means++ + Lloyd and may stop a few samples short. `init` (bool (B,), True = 2nd cluster) overrides it.
-    """
+    seeded k-means++ + Lloyd and may stop a few samples short. `init` (bool (B,), True = 2nd cluster) overrides it."""
     x = x.double().flatten()
     n, eps = x.numel(), torch.finfo(torch.float64).eps
     xs, order = x.sort()
@@ -293,9 +296,8 @@ def keep_mask(ce, args):
 
 def student_step(student, generator, teacher, normalize, opt_s, scaler, args, device, acc):
     """Eq. (1) / Overall process: one SGD step on L_KD over exactly B clean samples gathered from >= 2 generated
-    batches (CIF L176-227): all clean samples of earlier rounds, then a uniform random subset of the last round.
-    Implemented as keys (round + U(0,1) for clean samples, 1e6 + CE for rejected) and a running top-B, so the
-    batch keeps a fixed shape on the device."""
+    batches (CIF L176-227): all clean samples of earlier rounds, then a uniform random subset of the last round. As
+    keys (round + U(0,1) if clean, 1e6 + CE if rejected) and a running top-B: a fixed shape on the device."""
     b = args.batch_size
     buf_x = buf_key = None
     kept = torch.zeros((), device=device)
@@ -326,10 +328,10 @@ def student_step(student, generator, teacher, normalize, opt_s, scaler, args, de
 
 
 def generator_step(generator, student, teacher, hooks, normalize, opt_g, scaler, args, device, acc, z=None):
-    """Eq. (3): one Adam step on L_G = beta*L_Adv + gamma*l_bns + r_tv*TV + r_l2*L2 (CIF L232-262). L_Adv on the
-    selected augmented samples, through both teacher and student (student in train mode, as official: its BN
-    running stats move); TV and L2 on all augmented samples; l_bns = BN stats of the teacher's last forward,
-    which is T(selected) (OFFICIAL, spec 7.1) or T(all) with --bns-samples all (paper text)."""
+    """Eq. (3): one Adam step on L_G = beta*L_Adv + gamma*l_bns + r_tv*TV + r_l2*L2 (CIF L232-262), + alpha*L_Cls
+    (Eq. (2)) if --alpha > 0. L_Adv on the selected augmented samples, through teacher and student (student in train
+    mode, as official: its BN running stats move); TV and L2 on all augmented samples; l_bns = BN stats of the
+    teacher's last forward, T(selected) (OFFICIAL, spec 7.1) or T(all) with --bns-samples all (paper text)."""
     with autocast(device, args.amp):
         x, x_aug, ce = synthesize(generator, teacher, normalize, args, device, z)
     keep = keep_mask(ce, args)
@@ -343,11 +345,15 @@ def generator_step(generator, student, teacher, hooks, normalize, opt_g, scaler,
         else:
             logits_t = teacher(x_aug[keep])
         loss_bns = bns_loss(hooks)
+        loss_cls_ = loss_cls(logits_t) if args.alpha > 0 and n_sel else None  # the samples T saw: all if no selection
         adv = loss_adv_official if args.jsd == "official" else loss_adv_textbook
         logits_t = logits_t.detach() if args.no_selection else logits_t  # OFFICIAL `basic` branch detaches T
         loss_adv = adv(student(x_aug[keep]), logits_t, args.temperature) if n_sel else torch.zeros((), device=device)
         loss_tv_, loss_l2_ = loss_tv(x_aug), loss_l2(x_aug)
         loss = args.beta * loss_adv + args.gamma * loss_bns + args.r_tv * loss_tv_ + args.r_l2 * loss_l2_
+        if loss_cls_ is not None:  # alpha = 0 (TA-DFKD) adds no term: L_G is Eq. (3) bit for bit
+            loss = loss + args.alpha * loss_cls_
+            acc["loss/cls"] = acc.get("loss/cls", 0.0) + loss_cls_.detach()
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt_g)
@@ -370,7 +376,6 @@ def student_lr(epoch, lr, epochs):
 # ---------------------------------------------------------------------------------------------- training
 def train(args, teacher, meta, data, device):
     seed_everything(args.seed, args.deterministic)
-    args.channels_last = args.channels_last and device.type == "cuda"
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     normalize = Normalize(data.mean, data.std).to(device)
     student = build_model(args.student, data.num_classes, data.in_channels).to(device, memory_format=fmt)
@@ -392,7 +397,7 @@ def train(args, teacher, meta, data, device):
         start_epoch, step, wall_before = ck["epoch"], ck["step"], ck["wall_s"]
         set_rng_state(ck["rng"])
         print(f"resumed {ckpt_path} at epoch {start_epoch}", flush=True)
-    logger = MetricLogger(args.out, args.epochs, start_epoch)
+    logger = MetricLogger(args.out, args.epochs, start_epoch, teacher_acc=teacher_acc)
     t0 = time.time()
     for epoch in range(start_epoch, args.epochs):
         for group in opt_s.param_groups:
@@ -420,8 +425,10 @@ def train(args, teacher, meta, data, device):
                            "sel/rounds": acc["sel/rounds"] / max(acc["n_s"], 1), "lr_s": opt_s.param_groups[0]["lr"],
                            "img_per_s": n_img / (time.time() - t_epoch), "elapsed_s": wall_before + time.time() - t0})
             logger.log(record)
-            if args.save_images:
-                torchvision.utils.save_image(x_last[:64].float(), os.path.join(args.out, f"samples_{done}.png"))
+            if args.save_images:  # SYNC: the teacher's classes of the last generated batch, once per evaluation
+                with torch.no_grad():
+                    labels = teacher(normalize(x_last.float())).argmax(1)
+                save_sample_grid(os.path.join(args.out, f"samples_{done}.png"), x_last, labels)
         if done % args.save_every == 0 or done == args.epochs or done == args.stop_after:
             save_checkpoint(ckpt_path, {
                 "student": student.state_dict(), "generator": generator.state_dict(), "opt_s": opt_s.state_dict(),
@@ -438,6 +445,7 @@ def train(args, teacher, meta, data, device):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    check_amp(args.amp, device)
     teacher, meta = load_teacher(args.teacher, args.dataset, device)
     if not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules()):
         fail(f"teacher {meta['arch']} has no BatchNorm2d layer, which TA-DFKD's l_bns needs; train a BN teacher, "
@@ -445,7 +453,7 @@ def main(argv=None):
     data = load_data(args.dataset, args.data_root, 256, 512, meta.get("image_size"), meta.get("in_channels"),
                      meta.get("mean"), meta.get("std"), device)
     check_teacher_data(meta, data)
-    prepare_run_dir(args.out, args.resume)
+    prepare_run_dir(args.out, args.resume, args)  # on --resume: checkpoint verified, same flags, before any write
     save_config(args.out, args, device)
     return train(args, teacher, meta, data, device)
 

@@ -79,7 +79,7 @@ def test_loss_cr_gradient_only_through_queries():
 def test_bank_schedule_and_full_bank_not_empty():
     """Bank of 8 rows, B = 4, n_neg = 6. Negatives available before round r: min(6, 4r) -> 0, 4, 6, then at
     n_updates = 8 = size the ring pointer is back at 0. The official get_data samples among the first ptr = 0 rows
-    there (zero rows, NaN); ours samples min(6, 8) = 6 written rows, the last 4 written by round 1."""
+    there (zero rows: a NaN loss that round); ours samples min(6, 8) = 6 written rows, the last 4 written by round 1."""
     bank = cmi.FeatureBank(8, 2, "cpu")
     counts = []
     for r in range(3):
@@ -96,7 +96,7 @@ def test_bank_schedule_and_full_bank_not_empty():
 
 def test_loss_cr_finite_with_empty_cached_part():
     """Even with zero cached rows the loss is the plain mean over current rows (the official code took a mean over
-    an empty tensor, NaN)."""
+    an empty tensor: a NaN loss value, though its gradients stay finite)."""
     q = torch.nn.functional.normalize(torch.randn(5, 3), dim=1)
     got = cmi.loss_cr(q, q, 0.1, 5)
     assert torch.isfinite(got)
@@ -104,7 +104,8 @@ def test_loss_cr_finite_with_empty_cached_part():
 
 def test_generator_step_finite_when_bank_exactly_full(tiny_teacher):
     """Build n_updates == bank_size (32 rows, B = 16, two rounds) and take a real generator step: every loss is
-    finite and the head stays finite (officially the head became NaN for the rest of the run)."""
+    finite and the head stays finite. Officially that round's loss was NaN at every iteration, so the round kept its
+    iteration-0 images; its gradients, the head and the next round stayed finite (one round, 160, at CIFAR scale)."""
     ctx = make_ctx(tiny_teacher)
     for _ in range(2):
         x, f, _ = cmi.synthesize(ctx)

@@ -136,6 +136,57 @@ def test_generator_is_dfad_generator_a():
     assert g(torch.randn(4, 256, 1, 1)).shape == (4, 3, 32, 32)
 
 
+def test_student_init_per_method(digits_teacher, tmp_path, monkeypatch):
+    """DFAD's ResNet student starts as network/resnet_8x.py: PyTorch's default draws, then every Conv2d re-drawn by
+    kaiming_normal_(fan_out, relu) = N(0, 2 / (k*k*out)) and BN (1, 0): std sqrt(2/576) = 0.0589 for conv1 and layer1
+    (3x3, 64 out), sqrt(2/128) = 0.125 for layer2's 1x1 shortcut. DAFL's and TA-DFKD's ResNets (common.build_model)
+    keep the default kaiming_uniform(a=sqrt 5): std 1/sqrt(3 fan_in) = 0.111 for conv1 (fan_in 27), 0.024 for layer1
+    (fan_in 576). Same seed: equal, bit for bit, to the official loop applied to build_model's net; WRNs untouched;
+    train() builds its student through build_student."""
+    def official_init(net):  # network/resnet_8x.py ResNet.__init__, after the modules are built
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+                torch.nn.init.constant_(m.weight, 1)
+                torch.nn.init.constant_(m.bias, 0)
+        return net
+
+    def std(net, key):
+        return net.state_dict()[key].std().item()
+
+    torch.manual_seed(0)
+    ours = dfad.build_student("resnet18", 10, 3)
+    torch.manual_seed(0)
+    default = build_model("resnet18", 10, 3)
+    torch.manual_seed(0)
+    official = official_init(build_model("resnet18", 10, 3))
+    assert all(torch.equal(v, official.state_dict()[k]) for k, v in ours.state_dict().items())
+    for key, want in (("conv1.weight", 0.0589), ("layer1.0.conv1.weight", 0.0589),
+                      ("layer2.0.shortcut.0.weight", 0.125)):
+        assert std(ours, key) == pytest.approx(want, rel=0.1), key
+    assert std(default, "conv1.weight") == pytest.approx(0.111, rel=0.1)
+    assert std(default, "layer1.0.conv1.weight") == pytest.approx(0.024, rel=0.1)
+    bns = [m for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.weight.eq(1).all() and m.bias.eq(0).all() for m in bns)
+    assert torch.equal(ours.linear.weight, default.linear.weight)  # Linear keeps the default, as official
+    torch.manual_seed(0)
+    wrn = dfad.build_student("wrn16_1", 10, 1)
+    torch.manual_seed(0)
+    wrn_default = build_model("wrn16_1", 10, 1).state_dict()
+    assert all(torch.equal(v, wrn_default[k]) for k, v in wrn.state_dict().items())
+    calls = []
+
+    def spy(*a):
+        calls.append(a)
+        raise KeyboardInterrupt  # stop train() right there
+
+    monkeypatch.setattr(dfad, "build_student", spy)
+    with pytest.raises(KeyboardInterrupt):
+        dfad.main(["--teacher", digits_teacher, "--out", str(tmp_path / "run"), "--student", "resnet18"])
+    assert calls == [("resnet18", 10, 1)]
+
+
 def test_paper_defaults_per_dataset():
     """Official settings (spec/dfad.md section 2). Totals (fact 2): CIFAR 500 epochs x 50 iterations x 5 = 125,000
     student steps and 25,000 generator steps; MNIST 40 x 50 x 5 = 10,000 and 2,000."""
