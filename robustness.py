@@ -18,7 +18,8 @@ What this script does
   3. Resumable: a run with summary.json is done and skipped; a run with checkpoint.pt is continued with --resume; a
      run that died before its first checkpoint is started again. Re-running the same command continues the study.
   4. Writes results.md, results.csv (one row per method x teacher), runs.csv (one row per run) and methods.csv (one
-     row per method: spreads across teachers) into --out.
+     row per method: spreads across teachers) into --out, and the figures results.md links: fig1_curves.svg (every
+     run's accuracy curve), fig7_gap.svg (teacher - student acc_max), fig8_drop.svg (acc_max - acc_last[k]).
 
 Conventions (stated in results.md too)
   +- is the SAMPLE standard deviation over seeds (n-1 denominator); the paper does not say which it used. With one
@@ -29,8 +30,8 @@ Conventions (stated in results.md too)
   across teachers is given as range (max - min, the length of Fig. 7's whisker-to-whisker box) and sample std.
 
 Run
-  python robustness.py --jobs 2                          # digits, 5 methods, 3 teachers (seeds 0,1,2) x 2 seeds:
-                                                         #   40.9 min on 2 CPU cores (README has its tables)
+  python robustness.py --jobs 2                          # digits, 6 methods, 3 teachers (seeds 0,1,2) x 2 seeds:
+                                                         #   40.9 min on 2 CPU cores without pre_dfkd (README)
   python robustness.py --jobs 2 --teacher-seeds 0,1 --seeds 0   # a smaller study: 2 teachers x 1 seed
   python robustness.py --methods dafl,dfad --seeds 0 --method-args "dfad:--lr-student 0.05"
   python robustness.py --dataset cifar10 --teachers t1.pt t2.pt t3.pt t4.pt t5.pt --seeds 0,1,2,3   # Table 3 scale
@@ -54,10 +55,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import DATASETS, DEFAULT_TEACHER_ARCH, fail, load_teacher
+from common import COLORS, DATASETS, DEFAULT_TEACHER_ARCH, fail, load_teacher, svg_panel, write_svg
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("dafl", "dfad", "cmi", "ssd_kd", "ta_dfkd")  # the paper's table order; SSD-KD is not in its tables
+METHODS = ("dafl", "dfad", "cmi", "fast", "pre_dfkd", "ssd_kd", "ta_dfkd")  # the paper's order; Fast, SSD-KD not in it
+DEFAULT_METHODS = ("dafl", "dfad", "cmi", "pre_dfkd", "ssd_kd", "ta_dfkd")  # README study; fast.py on request
 # Accuracy floor for made or given teachers. cifar10/100: the TA appendix ("not below 91% for CIFAR-10 and 75% for
 # CIFAR-100"). digits/mnist: ours (our digits recipe reaches ~99 %; the TA MNIST teachers were 98.9 and 99.2 %).
 # tinyimagenet/folder: no floor (TA fine-tuned ImageNet models to ~75 %; our from-scratch recipe gets less).
@@ -69,7 +71,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--data-root", default="data", help="passed to train_teacher.py and every method")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated method scripts (default: all five)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method scripts (default: "
+                   "the six of the README study; also accepted: fast)")
     p.add_argument("--teachers", nargs="+", default=None, help="teacher files to use instead of making them")
     p.add_argument("--teacher-seeds", default="0,1,2", help="made teachers: one train_teacher.py run per seed")
     p.add_argument("--snapshot-epochs", default="", help="made teachers: also keep a snapshot teacher at these "
@@ -178,7 +181,7 @@ def select_teachers(paths, floor, dataset):
     """Teachers at or above the floor, in the given order, with their test accuracy (None when the file has none)."""
     kept = []
     for path in paths:
-        _, meta = load_teacher(path, dataset)
+        _, meta = load_teacher(path, dataset, quiet=True)  # stdout stays the command list (--print-commands)
         acc = meta.get("test_acc")
         if acc is not None and acc < floor:
             print(f"teacher {path}: test acc {acc:.2f}% < floor {floor:g}%; dropped", file=sys.stderr, flush=True)
@@ -279,7 +282,15 @@ def run_jobs(jobs, n_jobs, gpus):
 
 def read_run(run_dir):
     """One finished run -> record. The teacher is named by its file stem (summary.json or config.json), else by its
-    accuracy."""
+    accuracy. A summary.json or config.json that cannot be read is one line naming it, exit 2."""
+    try:
+        return _read_run(run_dir)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        fail(f"{run_dir}: summary.json or config.json is not a readable run record ({type(e).__name__}: "
+             f"{str(e)[:80]}); re-run that run, or move its directory out of the collected folder")
+
+
+def _read_run(run_dir):
     with open(os.path.join(run_dir, "summary.json")) as f:
         s = json.load(f)
     cfg = {}
@@ -351,6 +362,44 @@ def write_csv(path, rows, fields):
     os.replace(path + ".tmp", path)
 
 
+def write_figures(out, records, cells, methods, teachers, names):
+    """The paper's figures as SVG beside results.md -> [(title, file)]: Fig. 1-style accuracy curves of every run, one
+    panel per method, one colour per teacher; Fig. 7-style gap per teacher (bars, grouped by method); Fig. 8-style
+    acc_max - acc_last[k] per teacher, one line per method."""
+    tcolor = {t: COLORS[i % len(COLORS)] for i, t in enumerate(teachers)}
+    tlabel = {t: f"{names[t]} ({fmt(next(c['teacher_acc'] for c in cells if c['teacher'] == t))}%)" for t in teachers}
+    cols, pw, ph = min(2, len(methods)), 480, 300
+    panels = []
+    for i, m in enumerate(methods):
+        series = []
+        runs = [r for r in records if r["method"] == m]
+        for r in sorted(runs, key=lambda r: (teachers.index(r["teacher"]), r["seed"])):
+            path, hist = os.path.join(r["dir"], "metrics.jsonl"), []
+            if os.path.exists(path):  # runs collected without their metrics.jsonl get an empty curve
+                with open(path) as f:
+                    hist = [json.loads(line) for line in f if line.strip()]
+            series.append({"x": [h["epoch"] for h in hist], "y": [h["acc"] for h in hist],
+                           "label": tlabel[r["teacher"]], "color": tcolor[r["teacher"]],
+                           "id": f"{m}/{r['teacher']}/s{r['seed']}"})
+        panels.append(svg_panel(i % cols * pw, i // cols * ph, pw, ph, series, m, "epoch", "student test accuracy (%)",
+                                ylim=(0, 100)))
+    rows = (len(methods) + cols - 1) // cols
+    write_svg(os.path.join(out, "fig1_curves.svg"), panels, cols * pw, rows * ph)
+    cell = {(c["method"], c["teacher"]): c for c in cells}
+    gaps = [{"y": [cell[(m, t)]["gap"] if (m, t) in cell else None for m in methods], "label": tlabel[t],
+             "color": tcolor[t], "id": t} for t in teachers]
+    write_svg(os.path.join(out, "fig7_gap.svg"), [svg_panel(
+        0, 0, 640, 340, title="Fig. 7: teacher acc - student acc_max", xlabel="method", ylabel="gap (points)",
+        bars=(methods, gaps))], 640, 340)
+    drops = [{"x": list(range(1, len(teachers) + 1)), "y": [cell.get((m, t), {}).get("drop") for t in teachers],
+              "label": m, "color": COLORS[i % len(COLORS)], "id": m, "markers": True} for i, m in enumerate(methods)]
+    write_svg(os.path.join(out, "fig8_drop.svg"), [svg_panel(
+        0, 0, 640, 340, drops, "Fig. 8: acc_max - acc_last[k]", "teacher", "drop (points)",
+        xlim=(0.5, len(teachers) + 0.5), xticks=[(i + 1, names[t]) for i, t in enumerate(teachers)])], 640, 340)
+    return [("Fig. 1-style accuracy curves", "fig1_curves.svg"), ("Fig. 7-style gap", "fig7_gap.svg"),
+            ("Fig. 8-style drop", "fig8_drop.svg")]
+
+
 def write_results(out, records, header_lines, failed=()):
     """results.md (the paper's tables), results.csv (method x teacher), methods.csv (per method), runs.csv (per run)."""
     os.makedirs(out, exist_ok=True)
@@ -375,6 +424,8 @@ def write_results(out, records, header_lines, failed=()):
         "(DFKD has no validation data), so `acc_last[k]` and final accuracy are the honest numbers.",
         "", "| teacher | file | test acc |", "|---|---|---|"]
     md += [f"| {names[t]} | {t} | {fmt(tacc[t])} |" for t in teachers]
+    figures = write_figures(out, records, cells, methods, teachers, names)
+    md += ["", "Figures: " + ", ".join(f"[{title}]({name})" for title, name in figures) + "."]
     md += ["", "## Table 3: acc_last[k] mean +- std over seeds, and acc_max (test-selected)", ""]
     md.append("| method | " + " | ".join(f"{names[t]} ({fmt(tacc[t])}%) acc_last[k] | {names[t]} acc_max"
                                          for t in teachers) + " |")
@@ -427,7 +478,8 @@ def write_results(out, records, header_lines, failed=()):
         f.write("\n".join(md) + "\n")
     os.replace(os.path.join(out, "results.md.tmp"), os.path.join(out, "results.md"))
     print("\n".join(md), flush=True)
-    print(f"\nwrote {out}/results.md, results.csv, methods.csv, runs.csv", flush=True)
+    print(f"\nwrote {out}/results.md, results.csv, methods.csv, runs.csv, "
+          + ", ".join(name for _, name in figures), flush=True)
     return cells, per_method
 
 
