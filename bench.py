@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import DEFAULT_TEACHER_ARCH, NORMALIZATION, Normalize, build_model, fail, pick_device
+from common import DEFAULT_TEACHER_ARCH, NORMALIZATION, Normalize, build_model, fail, pick_device, one_line_errors
 
 # classes, channels, image size, training-set size (teacher epochs) per dataset
 SHAPES = {"cifar10": (10, 3, 32, 50000), "cifar100": (100, 3, 32, 50000), "tinyimagenet": (200, 3, 64, 100000),
@@ -754,7 +754,7 @@ def gpu_check(folder, out, dry_run=False, budget_s=460):
 
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Speed, FLOPs and MFU of each method's own training steps")
+    p = one_line_errors(argparse.ArgumentParser(description="Speed, FLOPs and MFU of each method's own training steps"))
     a = p.add_argument
     a("--dataset", default="cifar10", choices=sorted(SHAPES), help="paper settings of this dataset (default cifar10)")
     a("--methods", default=None, help="comma-separated subset of " + ",".join(ALL_METHODS) + " (default: all present)")
@@ -782,7 +782,8 @@ def parse_args(argv=None):
     amps = [v.strip() for v in args.amp.split(",")]
     cls = [v.strip() for v in args.channels_last.split(",")]
     if not set(amps) <= {"off", "bf16"} or not set(cls) <= {"0", "1"}:
-        fail("--amp takes off,bf16 and --channels-last 0,1 (fp16 is CUDA-only and not benchmarked)")
+        fail("--amp takes a comma list of off,bf16 and --channels-last of 0,1; fp16 is CUDA-only and not "
+             "benchmarked, e.g. --amp off,bf16 --channels-last 0,1")
     order = [("off", False), ("bf16", True), ("bf16", False), ("off", True)]  # baseline and the README's flags first
     args.variants = sorted({(a_, c == "1") for a_ in amps for c in cls}, key=order.index)
     for k in ("batch_size", "iters", "warmup"):

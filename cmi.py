@@ -68,7 +68,7 @@ from common import (DATASETS, Generator, Normalize, acc_last_k, autocast, build_
                     check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
                     load_checkpoint, load_data, load_teacher, MetricLogger, pick_device, prepare_run_dir,
                     random_crop_flip, register_bn_hooks, bns_loss, save_checkpoint, save_config, save_sample_grid,
-                    seed_everything, set_rng_state, to_floats)
+                    seed_everything, set_rng_state, to_floats, one_line_errors)
 
 # scripts/cmi/scratch_cmi... (CIFAR-10 wrn40_2 -> wrn16_1) + hard-wired values of datafree_kd.py (nz, bank, n_neg, head).
 C10 = dict(batch_size=128, synthesis_batch_size=256, epochs=200, kd_steps=400, g_steps=200, lr_g=1e-3, lr=0.1,
@@ -93,7 +93,7 @@ DEFAULT_STUDENT = {"resnet34": "resnet18", "vgg11": "resnet18", "wrn40_2": "wrn1
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="CMI: Contrastive Model Inversion (Fang et al., IJCAI 2021)")
+    p = one_line_errors(argparse.ArgumentParser(description="CMI: Contrastive Model Inversion (Fang et al., IJCAI 2021)"))
     a = p.add_argument
     a("--dataset", default="digits", choices=DATASETS, help="real test data and teacher domain (default digits)")
     a("--data-root", default="data", help="torchvision root / folder dataset root")

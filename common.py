@@ -49,6 +49,13 @@ def fail(message):
     sys.exit(2)
 
 
+def one_line_errors(parser):
+    """argparse answers a bad flag with its usage block and then the error; contract.md promises one line, so its
+    error() goes through fail() (same exit code 2)."""
+    parser.error = lambda message: fail(f"{message}; see python {parser.prog} --help")
+    return parser
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2. Classifiers (spec/models.md section 1). Every forward takes return_features and then returns
 #    (logits, penultimate feature), the feature DAFL's activation loss needs.

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from common import (DATASETS, MODELS, DAFLGenerator, MetricLogger, Normalize, autocast, build_model, check_amp,
                     check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
                     load_data, load_teacher, pick_device, prepare_run_dir, save_checkpoint,
-                    save_config, save_sample_grid, seed_everything, set_rng_state, to_floats)
+                    save_config, save_sample_grid, seed_everything, set_rng_state, to_floats, one_line_errors)
 
 _CIFAR10 = dict(student="resnet18", epochs=2000, iters_per_epoch=120, batch_size=1024, nz=1000, ngf=64,
                 lr_generator=0.02, lr_student=0.1, student_optimizer="sgd", weight_decay=5e-4, milestones="800,1600",
@@ -96,7 +96,7 @@ PAPER_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DAFL: data-free learning of student networks (Chen et al., ICCV 2019)")
+    p = one_line_errors(argparse.ArgumentParser(description="DAFL: data-free learning of student networks (Chen et al., ICCV 2019)"))
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="real test data and default settings")
     p.add_argument("--data-root", default="data", help="where torchvision datasets live (or the folder dataset)")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default teachers/<dataset>_<arch>.pt)")
@@ -155,7 +155,7 @@ def parse_args(argv=None):
     except ValueError:
         fail(f"--milestones takes comma-separated epochs, e.g. --milestones 800,1600; got {args.milestones!r}")
     args.teacher = args.teacher or default_teacher_path(args.dataset)
-    args.save_every = args.save_every or args.eval_every
+    args.save_every = args.eval_every if args.save_every is None else args.save_every
     args.save_images = int(args.dataset == "digits") if args.save_images is None else args.save_images
     if args.out is None:
         stem = os.path.splitext(os.path.basename(args.teacher))[0]

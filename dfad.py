@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from common import (DATASETS, MODELS, DAFLGenerator, MetricLogger, Normalize, autocast, build_model, check_amp,
                     check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
                     load_data, load_teacher, pick_device, prepare_run_dir, save_checkpoint,
-                    save_config, save_sample_grid, seed_everything, set_rng_state, to_floats)
+                    save_config, save_sample_grid, seed_everything, set_rng_state, to_floats, one_line_errors)
 
 _CIFAR = dict(student="resnet18", nz=256, ngf=64, batch_size=256, epochs=500, iters_per_epoch=50, lr_student=0.1,
               weight_decay=5e-4, lr_generator=1e-3, milestones="100,200", k=10)
@@ -95,7 +95,7 @@ PAPER_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DFAD: data-free adversarial distillation (Fang et al., 2019)")
+    p = one_line_errors(argparse.ArgumentParser(description="DFAD: data-free adversarial distillation (Fang et al., 2019)"))
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="real test data and default settings")
     p.add_argument("--data-root", default="data", help="where torchvision datasets live (or the folder dataset)")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default teachers/<dataset>_<arch>.pt)")
@@ -149,7 +149,7 @@ def parse_args(argv=None):
     except ValueError:
         fail("--milestones and --generator-betas take comma-separated numbers, e.g. --milestones 100,200")
     args.teacher = args.teacher or default_teacher_path(args.dataset)
-    args.save_every = args.save_every or args.eval_every
+    args.save_every = args.eval_every if args.save_every is None else args.save_every
     args.save_images = int(args.dataset == "digits") if args.save_images is None else args.save_images
     if args.out is None:
         stem = os.path.splitext(os.path.basename(args.teacher))[0]

@@ -71,7 +71,7 @@ from common import (DATASETS, Generator, MetricLogger, Normalize, acc_last_k, au
                     check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run,
                     get_rng_state, load_checkpoint, load_data, load_teacher, pick_device, prepare_run_dir,
                     random_crop_flip, register_bn_hooks, save_checkpoint, save_config, save_sample_grid,
-                    seed_everything, set_rng_state, to_floats)
+                    seed_everything, set_rng_state, to_floats, one_line_errors)
 
 # scripts/fast_cifar.sh + datafree_kd.py; g_steps 5 = Fast5 is PAPER-SILENT [spec R] (the script runs 2, 5 and 10).
 # save_every 1: a killed run loses at most one epoch (CIFAR: ~1 min on a V100, SSD-KD's 1.5-4 h / 220 epochs).
@@ -104,7 +104,7 @@ REPTILE_FACTOR = 67.0  # OFFICIAL fast_meta.py reptile_grad: inert under Adam (s
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fast: Up to 100x Faster Data-free KD (Fang et al., AAAI 2022)")
+    p = one_line_errors(argparse.ArgumentParser(description="Fast: Up to 100x Faster Data-free KD (Fang et al., AAAI 2022)"))
     a = p.add_argument
     a("--dataset", default="digits", choices=DATASETS, help="real test data and teacher domain (default digits)")
     a("--data-root", default="data", help="torchvision root / folder dataset root")

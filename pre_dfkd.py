@@ -78,7 +78,8 @@ from torch.nn.utils import spectral_norm
 from common import (DATASETS, MODELS, DAFLGenerator, MetricLogger, Normalize, acc_last_k, autocast, build_model,
                     check_amp, check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run,
                     get_rng_state, load_data, load_teacher, pick_device, prepare_run_dir,
-                    save_checkpoint, save_config, save_sample_grid, seed_everything, set_rng_state, to_floats)
+                    save_checkpoint, save_config, save_sample_grid, seed_everything, set_rng_state, to_floats,
+                    one_line_errors)
 
 _CIFAR = dict(student="resnet18", epochs=400, iters_per_epoch=36, batch_size=1024, mem_batch_size=128, vae_novel=512,
               nz=1000, ngf=64, lr_g=0.02, lr_vae=5e-4, lr_z=0.02, lr=0.1, student_optimizer="sgd", weight_decay=5e-4,
@@ -103,8 +104,8 @@ PAPER_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="PRE-DFKD (Binici et al., AAAI 2022): data-free KD with generative "
-                                "pseudo replay. Defaults per dataset = official code (None = from PAPER_DEFAULTS).")
+    p = one_line_errors(argparse.ArgumentParser(description="PRE-DFKD (Binici et al., AAAI 2022): data-free KD with generative "
+                                "pseudo replay. Defaults per dataset = official code (None = from PAPER_DEFAULTS)."))
     a = p.add_argument
     a("--dataset", default="digits", choices=DATASETS, help="real test data the student is scored on (default digits)")
     a("--data-root", default="data", help="torchvision root / folder dataset root")

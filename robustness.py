@@ -55,7 +55,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import COLORS, DATASETS, DEFAULT_TEACHER_ARCH, fail, load_teacher, svg_panel, write_svg
+from common import COLORS, DATASETS, DEFAULT_TEACHER_ARCH, fail, load_teacher, svg_panel, write_svg, one_line_errors
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("dafl", "dfad", "cmi", "fast", "pre_dfkd", "ssd_kd", "ta_dfkd")  # the paper's order; Fast, SSD-KD not in it
@@ -68,7 +68,7 @@ RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.json")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--data-root", default="data", help="passed to train_teacher.py and every method")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method scripts (default: "

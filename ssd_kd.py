@@ -66,7 +66,7 @@ from common import (DATASETS, Generator, MetricLogger, Normalize, acc_last_k, au
                     check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
                     load_checkpoint, load_data, load_teacher, pick_device, prepare_run_dir, random_crop_flip,
                     register_bn_hooks, save_checkpoint, save_config, save_sample_grid, seed_everything, set_rng_state,
-                    to_floats)
+                    to_floats, one_line_errors)
 
 # Fast-Datafree scripts/fast_cifar.sh + datafree_kd.py defaults; SSD-KD values from the paper or spec [R].
 C10 = dict(epochs=220, warmup=20, batch_size=256, synthesis_batch_size=256, data_scale=5000, kd_steps=None,
@@ -103,7 +103,7 @@ def pair_weights(teacher, student):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="SSD-KD: Small Scale Data-Free KD (Liu et al., CVPR 2024)")
+    p = one_line_errors(argparse.ArgumentParser(description="SSD-KD: Small Scale Data-Free KD (Liu et al., CVPR 2024)"))
     a = p.add_argument
     a("--dataset", default="digits", choices=DATASETS, help="real test data and teacher domain (default digits)")
     a("--data-root", default="data", help="torchvision root / folder dataset root")

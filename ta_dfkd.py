@@ -62,7 +62,7 @@ from common import (DATASETS, MODELS, Normalize, TAGenerator, acc_last_k, autoca
                     check_amp, check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run,
                     get_rng_state, load_checkpoint, load_data, load_teacher, MetricLogger, pick_device,
                     prepare_run_dir, register_bn_hooks, save_checkpoint, save_config, save_sample_grid,
-                    seed_everything, set_rng_state, to_floats)
+                    seed_everything, set_rng_state, to_floats, one_line_errors)
 
 _PAPER = dict(epochs=200, iters=36, batch_size=1024, nz=1000, lr_g=1e-3, lr_s=0.01, student="resnet18",
               crop_padding=4, flip=1, k=20, save_every=1, ngf=64)  # ours: a kill loses <= 1 epoch (~1 min on a GPU)
@@ -82,8 +82,8 @@ PAPER_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="TA-DFKD (Shin & Choi, AAAI 2024): data-free KD with teacher-driven "
-                                "sample selection. Defaults per dataset = official code (None = from PAPER_DEFAULTS).")
+    p = one_line_errors(argparse.ArgumentParser(description="TA-DFKD (Shin & Choi, AAAI 2024): data-free KD with teacher-driven "
+                                "sample selection. Defaults per dataset = official code (None = from PAPER_DEFAULTS)."))
     a = p.add_argument
     a("--dataset", default="digits", choices=DATASETS, help="real test data the student is scored on (default digits)")
     a("--data-root", default="data", help="torchvision root / folder dataset root")

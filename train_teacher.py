@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from common import (DATASETS, DEFAULT_TEACHER_ARCH, MODELS, Normalize, autocast, build_model, default_teacher_path,
                     check_amp, evaluate, fail, get_rng_state, load_checkpoint, load_data, load_teacher, pick_device,
-                    random_crop_flip, save_checkpoint, save_teacher, seed_everything, set_rng_state)
+                    random_crop_flip, save_checkpoint, save_teacher, seed_everything, set_rng_state, one_line_errors)
 
 RECIPES = {  # optimizer, lr, weight decay, batch, epochs, lr milestones (x0.1), crop padding, horizontal flip
     "digits": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, batch_size=64, epochs=30, milestones=[15, 23],
@@ -63,7 +63,7 @@ def train_step(model, opt, normalize, x, y, padding, flip, amp="off", channels_l
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="training data (default: digits, no download)")
     p.add_argument("--data-root", default="data", help="where torchvision datasets live or are downloaded; the "
                    "folder dataset's root (train/ and test/ or val/)")

@@ -342,6 +342,22 @@ def test_every_method_script_refuses_bad_files_in_one_line(tmp_path):
     assert p.returncode == 2 and p.stderr.strip() == results[1][3].strip()
 
 
+def test_argparse_errors_are_one_line_in_every_script():
+    """A flag argparse itself rejects (unknown flag, bad choice, non-integer) used to print the usage block first:
+    15-20 lines. Every script routes it through common.fail: one line, exit 2, naming the flag."""
+    scripts = METHOD_SCRIPTS + ["train_teacher.py", "robustness.py", "bench.py"]
+    cases = [[s, argv] for s in scripts for argv in (["--no-such-flag"], ["--amp", "xyz"], ["--seed", "one"])
+             if s not in ("robustness.py", "bench.py")]
+    cases += [[s, argv] for s in ("robustness.py", "bench.py") for argv in (["--no-such-flag"], ["--jobs", "one"]
+              if s == "robustness.py" else ["--iters", "one"])]  # no --amp choice or --seed: other argparse errors
+    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for script, argv, code, err in json.loads(r.stdout.strip().splitlines()[-1]):
+        line = assert_one_line(code, err)
+        assert argv[0] in line and f"python {script} --help" in line, (script, argv, line)
+
+
 # ---- a run killed with SIGKILL resumes with the default checkpoint interval --------------------------------------
 
 @pytest.mark.slow
