@@ -54,9 +54,9 @@ Run:
   python fast.py --resume --out runs/fast-digits-digits_wrn16_2-s0                 # continue a run
 
 Expected: Fast README (best epoch, synthesis hours) C10 W40-2->W16-1 Fast2/5/10 88.36/88.90/89.29, C100 R34->R18
-69.76/72.82/74.34 (full tables in the README). Ours, digits (wrn16_2 99.63 % -> wrn16_1, CPU, OMP_NUM_THREADS=1 on a
-loaded machine): default Fast5 seed 0 final 99.26 %, acc_last[10] 98.98 %, acc_max 99.44 % (test-selected), 87 s;
-Fast2 seeds 0-2 final 98.33 / 98.33 / 97.96 % (README: beside SSD-KD). CIFAR not yet measured.
+69.76/72.82/74.34 (full tables in the README). Ours, digits (wrn16_2 99.63 % -> wrn16_1, idle 2-core CPU, 2
+threads): `python fast.py` (Fast5, seed 0) final 99.07 %, acc_last[10] 99.00 %, acc_max 99.63 % (test-selected), 36 s;
+Fast2 seeds 0-2 final 98.15 / 98.70 / 98.33 %, 32-34 s each (README: beside SSD-KD). CIFAR not yet measured.
 """
 import argparse
 import copy
