@@ -1,21 +1,23 @@
 """Shared pieces of dfkd-ref: what every data-free KD method needs, each written once.
 
 Contents, in reading order:
-  1. errors            fail(): one line on stderr, exit code 2
+  1. errors            fail(): one line on stderr, exit code 2; one_line_errors() for argparse's own errors
   2. models            CIFAR ResNet-18/34, 64x64 ResNet-18/34, WRN-16/40-1/2, VGG-11-BN, LeNet-5(-half), build_model()
   3. generators        Generator (Fast/CMI/SSD-KD), DAFLGenerator (DAFL, DFAD), TAGenerator (TA-DFKD)
   4. BN statistics     BNStatsHook, register_bn_hooks(), bns_loss()     (spec/bns.md)
   5. data              load_data() for digits, mnist, cifar10, cifar100, tinyimagenet, folder; Normalize;
                        random_crop_flip() (batch augmentation on the device)
-  6. teachers          save_teacher(), load_teacher() (ours and the official repos' formats), check_teacher_data()
-  7. run plumbing      device, seeding, autocast, atomic checkpoints, RNG state, run directory, metric logger,
+  6. teachers          save_teacher(), load_teacher() (ours and the official repos' formats, pre-1.6 legacy files
+                       through an allow-list unpickler: no code from a file runs), check_teacher_data()
+  7. run plumbing      device, seeding, autocast/check_amp, atomic checkpoints sealed with a sha256 digest, RNG
+                       state, run directory (checked before writing, locked by run.lock), metric logger,
                        evaluate(), summary.json and the final line
   8. figures           svg_panel()/write_svg() (line, point, bar charts), write_curves() (curves.svg),
                        save_sample_grid() (readable PNG of synthetic images, one row per teacher class)
 
 State-dict key names follow the official implementations (spec/models.md), so published teachers load with
 strict=True. Nothing here is method-specific: no loss other than the BN-statistics formula, no update step,
-no schedule, no argparse.
+no schedule, no argument parser.
 """
 import atexit
 import collections
