@@ -173,6 +173,9 @@ def parse_args(argv=None):
         fail(f"--milestones must be epochs >= 1; got {args.milestones}")
     if args.stop_after is not None and not 1 <= args.stop_after < args.epochs:
         fail(f"--stop-after must lie in 1..{args.epochs - 1}; pass a smaller value or drop it")
+    for name, value in vars(args).items():  # OURS: lr 1e38 overflowed Adam's update (a traceback); nan passed "> 0"
+        if name.startswith("lr") and isinstance(value, float) and not (math.isfinite(value) and value <= 10):
+            fail(f"--{name.replace('_', '-')} {value} is not a usable learning rate; pass a finite value <= 10")
     return args
 
 

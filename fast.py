@@ -59,6 +59,7 @@ threads): `python fast.py` (Fast5, seed 0) final 99.07 %, acc_last[10] 99.00 %, 
 Fast2 seeds 0-2 final 98.15 / 98.70 / 98.33 %, 32-34 s each (README: beside SSD-KD). CIFAR not yet measured.
 """
 import argparse
+import math
 import copy
 import os
 import time
@@ -180,6 +181,9 @@ def parse_args(argv=None):
     args.teacher = args.teacher or default_teacher_path(args.dataset)
     stem = os.path.splitext(os.path.basename(args.teacher))[0]
     args.out = args.out or os.path.join("runs", f"fast-{args.dataset}-{stem}-s{args.seed}")
+    for name, value in vars(args).items():  # OURS: lr 1e38 overflowed Adam's update (a traceback); nan passed "> 0"
+        if name.startswith("lr") and isinstance(value, float) and not (math.isfinite(value) and value <= 10):
+            fail(f"--{name.replace('_', '-')} {value} is not a usable learning rate; pass a finite value <= 10")
     return args
 
 

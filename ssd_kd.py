@@ -188,6 +188,9 @@ def parse_args(argv=None):
     args.teacher = args.teacher or default_teacher_path(args.dataset)
     stem = os.path.splitext(os.path.basename(args.teacher))[0]
     args.out = args.out or os.path.join("runs", f"ssd_kd-{args.dataset}-{stem}-s{args.seed}")
+    for name, value in vars(args).items():  # OURS: lr 1e38 overflowed Adam's update (a traceback); nan passed "> 0"
+        if name.startswith("lr") and isinstance(value, float) and not (math.isfinite(value) and value <= 10):
+            fail(f"--{name.replace('_', '-')} {value} is not a usable learning rate; pass a finite value <= 10")
     return args
 
 

@@ -358,6 +358,21 @@ def test_argparse_errors_are_one_line_in_every_script():
         assert argv[0] in line and f"python {script} --help" in line, (script, argv, line)
 
 
+def test_unusable_learning_rates_are_one_line(tmp_path):
+    """`dafl.py --lr-student 1e38 --lr-generator 1e38` ended in a traceback (Adam's update overflows float32) and
+    nan passed every "> 0" check; each method script now refuses both before anything is written."""
+    flag = {"dafl.py": "--lr-student", "dfad.py": "--lr-student"}
+    cases = [[s, [flag.get(s, "--lr-g"), v, "--out", str(tmp_path / "new")]] for s in METHOD_SCRIPTS
+             for v in ("1e38", "nan", "inf")]
+    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for script, argv, code, err in json.loads(r.stdout.strip().splitlines()[-1]):
+        line = assert_one_line(code, err)
+        assert argv[0] in line and "learning rate" in line, (script, argv, line)
+    assert not (tmp_path / "new").exists()
+
+
 # ---- a run killed with SIGKILL resumes with the default checkpoint interval --------------------------------------
 
 @pytest.mark.slow
