@@ -11,7 +11,9 @@ statistics with momentum + random-label CE + masked adversarial KL); the meta-ge
 meta-gradient (the sum of the inner gradients, "MAML") or toward the adapted clone (REPTILE). The best batch of the
 call joins a pool of every image made so far, and the student takes 400 KD steps (T = 20) on the pool.
 
-Equations (spec/fast.md 1, 3):
+Equations (spec/fast.md 1, 3). In the framework of the TA-DFKD paper (which numbers them): KD is its Eq. (1)
+L_KD = E_z[D(T(G(z)), S(G(z)))] with D = T^2 KL (loss_kd), L_inv is its Eq. (2) with L_Cls = L_oh, L_Adv = L_adv,
+L_Rep = R_BN.
   R_BN    = sum_l ||rv_l - ((1-rho) var_l + rho var_bar_l)||_2 + ||rm_l - ((1-rho) mu_l + rho mu_bar_l)||_2 -> loss_bn()
   momentum state after each call: (mu_bar, var_bar) <- last stats, then rho*state + (1-rho)*last -> update_bn_mmt()
   L_oh    = CE(T(aug(x)), y), y ~ U{0..C-1} drawn per call                                      -> loss_oh()
@@ -219,7 +221,7 @@ def kl_rows(logits_s, logits_t, T=1.0):
 
 
 def loss_kd(logits_s, logits_t, T):
-    """L_KD = T^2 KL(p_t || p_s), 'batchmean' (Fast KLDiv(T=20), datafree_kd.py:428)."""
+    """TA-DFKD Eq. (1) with D = T^2 KL(p_t || p_s), 'batchmean' (Fast KLDiv(T=20), datafree_kd.py:428)."""
     return (kl_rows(logits_s, logits_t, T) * T * T).mean()
 
 

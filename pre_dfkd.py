@@ -10,7 +10,8 @@ latent codes that makes them confident and class-balanced. Per iteration: 1 G st
 step after each of the first 4. The paper text was not available (spec/pre_dfkd.md 0): equations are named by
 their role and the official line; the paper's "synthetic-data-aware reconstruction" is the code's pixel + logit L1.
 
-Equations (spec/pre_dfkd.md 1, 3; B novel, B_M = B/8 memory, B_V = B/2 VAE-novel images)
+Equations (spec/pre_dfkd.md 1, 3; B novel, B_M = B/8 memory, B_V = B/2 VAE-novel images). In the TA-DFKD paper's
+numbered framework: L_KD is its Eq. (1) with D = L1; L_G is its Eq. (2) with L_Cls = L_oh (+ L_ie), L_Adv, L_Rep = L_a.
   L_oh    CE(T(x), argmax T(x)), batch mean (distillation.py:54,56)                   -> loss_one_hot()
   L_ie    sum_k p_k log10 p_k, p = batch-mean softmax T(x) (:57-58)                    -> loss_information_entropy()
   L_a     -mean|f_T(x)|, f_T the pooled penultimate feature (:53,55)                   -> loss_activation()
@@ -276,7 +277,7 @@ def loss_generator(l_oh, l_ie, l_a, l_adv, oh, ie, a):
 
 
 def loss_kd(logits_s, logits_t):
-    """L_KD (:36-41): F.l1_loss(S(x), T(x)), the mean over all (B + B_M) * K logits."""
+    """TA-DFKD Eq. (1), L_KD (:36-41): F.l1_loss(S(x), T(x)), the mean over all (B + B_M) * K logits."""
     return F.l1_loss(logits_s.float(), logits_t.float())
 
 
