@@ -24,7 +24,8 @@ the CIFAR-10 JPEG folder, the full-batch table fp32 vs bf16 + channels_last, and
 `--dry-run` runs it on the CPU at tiny sizes.
 
 Run
-  python bench.py                                   # CPU: every method, 4 variants, reduced batch, < 10 min
+  python bench.py                                   # CPU: every method, 4 variants (fp32 only where bf16 is
+                                                    # emulated), reduced batch, < 10 min
   python bench.py --dataset digits --amp off,bf16 --channels-last 0
   python bench.py --device cuda                     # GPU: full paper batch
   python bench.py --gpu-check /tmp/cifar10-jpeg     # one H200 call, < 8 min, writes gpu_check.md/.json
@@ -44,7 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import DEFAULT_TEACHER_ARCH, NORMALIZATION, Normalize, build_model, fail, pick_device, one_line_errors
+from common import (DEFAULT_TEACHER_ARCH, NORMALIZATION, Normalize, build_model, cpu_bf16_native, fail, pick_device,
+                    one_line_errors)
 
 # classes, channels, image size, training-set size (teacher epochs) per dataset
 SHAPES = {"cifar10": (10, 3, 32, 50000), "cifar100": (100, 3, 32, 50000), "tinyimagenet": (200, 3, 64, 100000),
@@ -683,7 +685,8 @@ def run_bench(methods, cfg_kw, variants, warmup, iters, peaks, notes, out, name=
     return rows, md
 
 
-def parse_peaks(text, device):
+def parse_peaks(text, device, dtypes=("fp32", "bf16")):
+    """{dtype: dense peak TFLOP/s}: from --peak-tflops where given, else measured, for the dtypes that are timed."""
     peaks = {}
     if text:
         for part in text.split(","):
@@ -691,7 +694,7 @@ def parse_peaks(text, device):
             for k in ([key] if key else ["fp32", "bf16"]):
                 peaks[k] = float(val)
     for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if k not in peaks:
+        if k not in peaks and k in dtypes:
             peaks[k] = measure_peak(device, dt)
     return peaks
 
@@ -773,7 +776,8 @@ def parse_args(argv=None):
     a("--iters", type=int, default=None, help="timed calls per step function (default: GPU 10, CPU 2)")
     a("--warmup", type=int, default=None, help="untimed calls first, the first one counting FLOPs (default: GPU 3, "
       "CPU 1; 0 counts FLOPs on an extra call all the same)")
-    a("--amp", default="off,bf16", help="variants of --amp to run, comma-separated (off, bf16)")
+    a("--amp", default=None, help="variants of --amp to run, comma-separated (off, bf16; default both, but only off "
+      "on a CPU without native bf16, where bf16 is emulated and ~50x slower)")
     a("--channels-last", default="0,1", help="variants of channels_last, comma-separated (0, 1)")
     a("--peak-tflops", default=None, help="dense peak instead of measuring it: X (both dtypes) or fp32=X,bf16=Y")
     a("--teacher-arch", default=None, help="teacher architecture for every method (default: each method's pair)")
@@ -789,7 +793,7 @@ def parse_args(argv=None):
     for m in args.methods:
         if m not in present:
             fail(f"unknown or missing method '{m}'; choose from {','.join(present)}")
-    amps = [v.strip() for v in args.amp.split(",")]
+    amps = [v.strip() for v in (args.amp or "off,bf16").split(",")]
     cls = [v.strip() for v in args.channels_last.split(",")]
     if not set(amps) <= {"off", "bf16"} or not set(cls) <= {"0", "1"}:
         fail("--amp takes a comma list of off,bf16 and --channels-last of 0,1; fp16 is CUDA-only and not "
@@ -823,9 +827,13 @@ def main(argv=None):
                  "number of generator batches, so its FLOPs and synthesised images vary between calls and variants")
     if cpu:
         notes.append(f"CPU: {torch.get_num_threads()} threads; timings on a shared machine are inflated")
+    if cpu and args.amp is None and not cpu_bf16_native():
+        args.variants = [v for v in args.variants if v[0] == "off"]
+        notes.append(f"bf16 not timed: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}; "
+                     "emulated, ~50x slower than fp32); pass --amp off,bf16 to time it anyway")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    peaks = parse_peaks(args.peak_tflops, device)
+    peaks = parse_peaks(args.peak_tflops, device, {"fp32" if a_ == "off" else a_ for a_, _ in args.variants})
     out = args.out or os.path.join("runs", f"bench-{args.dataset}-{device.type}")
     kw = dict(device=device, batch=batch, seed=args.seed, teacher_arch=args.teacher_arch, student=args.student,
               tmp=out)

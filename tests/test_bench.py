@@ -98,6 +98,36 @@ def test_amp_fp16_on_cpu_exits_2_with_one_line(script, tmp_path, capsys):
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and "fp16" in err[0]
 
 
+def test_emulated_bf16_cpu_warns_in_one_line_and_bench_times_fp32_only(monkeypatch, capsys):
+    """Where oneDNN has no native bf16 (an AVX2-only CPU: ~50x slower than fp32), --amp bf16 still runs, after one
+    warning line, and a plain `python bench.py` drops its bf16 variants with a note; an explicit --amp keeps them.
+    With native bf16 there is no warning and all four variants stay."""
+    import common
+    monkeypatch.setattr(common, "cpu_bf16_native", lambda: False)
+    common.check_amp("bf16", "cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning:") and "--amp off" in err[0]
+    common.check_amp("off", "cpu")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(common, "cpu_bf16_native", lambda: True)
+    common.check_amp("bf16", "cpu")
+    assert capsys.readouterr().err == ""
+    assert isinstance(bench.cpu_bf16_native(), bool)  # the real query answers on this machine
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda methods, kw, variants, *a, **k: (seen.update(v=variants, n=a[3])
+                                                                                     or ([], "")))
+    monkeypatch.setattr(bench, "parse_peaks", lambda text, device, dtypes=(): seen.update(d=set(dtypes)) or {})
+    for native, argv, variants in ((False, [], [("off", False), ("off", True)]),
+                                   (False, ["--amp", "off,bf16", "--channels-last", "0"], [("off", False),
+                                                                                           ("bf16", False)]),
+                                   (True, [], [("off", False), ("bf16", True), ("bf16", False), ("off", True)])):
+        monkeypatch.setattr(bench, "cpu_bf16_native", lambda: native)
+        bench.main(["--device", "cpu", "--methods", "teacher", *argv])
+        assert seen["v"] == variants and seen["d"] == {"fp32" if a == "off" else a for a, _ in variants}
+        assert any("bf16 not timed" in n for n in seen["n"]) == (not native and not argv)
+
+
 # ---------------------------------------------------------------------------------------------- paper-shape smoke
 SMOKE = {  # CIFAR-10 paper architectures, latent sizes, generators and loss weights; batch and iterations cut down
     "ta_dfkd": ["--epochs", "1", "--iters", "1", "--student-steps", "2", "--batch-size", "8"],
