@@ -990,7 +990,7 @@ def cpu_bf16_native():
 
 def check_amp(amp, device):
     """--amp fp16 needs CUDA (fp16 autocast + GradScaler); one error line and exit 2 elsewhere. --amp bf16 on a CPU
-    without native bf16 runs (the numbers are the same) but is ~50x slower than fp32: one warning line says so."""
+    without native bf16 still runs correctly, but ~50x slower than fp32: one warning line says so."""
     kind = torch.device(device).type
     if amp == "fp16" and kind != "cuda":
         fail(f"--amp fp16 needs a CUDA device, got {kind}; pass --amp bf16 or --amp off")
