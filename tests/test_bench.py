@@ -130,17 +130,18 @@ def test_emulated_bf16_cpu_warns_in_one_line_and_bench_times_fp32_only(monkeypat
 
 # ---------------------------------------------------------------------------------------------- paper-shape smoke
 SMOKE = {  # CIFAR-10 paper architectures, latent sizes, generators and loss weights; batch and iterations cut down
-    "ta_dfkd": ["--epochs", "1", "--iters", "1", "--student-steps", "2", "--batch-size", "8"],
-    "dafl": ["--epochs", "1", "--iters-per-epoch", "2", "--batch-size", "8"],
-    "dfad": ["--epochs", "1", "--iters-per-epoch", "1", "--student-steps", "2", "--batch-size", "8"],
-    "ssd_kd": ["--epochs", "2", "--warmup", "1", "--batch-size", "8", "--synthesis-batch-size", "8",
-               "--data-scale", "16", "--g-steps", "2", "--kd-steps", "2"],
-    "fast": ["--epochs", "2", "--warmup", "1", "--batch-size", "8", "--synthesis-batch-size", "8", "--g-steps", "2",
+    # batch 2: on a CPU without native bf16 (AVX2 only) bf16 is emulated at ~1 s per ResNet-34 image, forward and back
+    "ta_dfkd": ["--epochs", "1", "--iters", "1", "--student-steps", "2", "--batch-size", "2"],
+    "dafl": ["--epochs", "1", "--iters-per-epoch", "2", "--batch-size", "2"],
+    "dfad": ["--epochs", "1", "--iters-per-epoch", "1", "--student-steps", "2", "--batch-size", "2"],
+    "ssd_kd": ["--epochs", "2", "--warmup", "1", "--batch-size", "2", "--synthesis-batch-size", "2",
+               "--data-scale", "4", "--g-steps", "2", "--kd-steps", "2"],
+    "fast": ["--epochs", "2", "--warmup", "1", "--batch-size", "2", "--synthesis-batch-size", "2", "--g-steps", "2",
              "--kd-steps", "2"],
-    "cmi": ["--epochs", "1", "--g-steps", "2", "--kd-steps", "2", "--batch-size", "8", "--synthesis-batch-size", "8",
+    "cmi": ["--epochs", "1", "--g-steps", "2", "--kd-steps", "2", "--batch-size", "2", "--synthesis-batch-size", "2",
             "--bank-size", "16", "--n-neg", "8"],
     "pre_dfkd": ["--epochs", "1", "--iters-per-epoch", "1", "--kd-iters", "2", "--vae-iters", "1",
-                 "--batch-size", "8", "--mem-batch-size", "2", "--vae-novel", "4"],
+                 "--batch-size", "2", "--mem-batch-size", "2", "--vae-novel", "2"],
 }
 SMOKE_TEACHER = {"cmi": "wrn40_2"}  # CMI's official CIFAR-10 pair wrn40_2 -> wrn16_1; the others resnet34 -> resnet18
 
@@ -148,7 +149,7 @@ SMOKE_TEACHER = {"cmi": "wrn40_2"}  # CMI's official CIFAR-10 pair wrn40_2 -> wr
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("cifar"))
-    write_cifar(root, "cifar10", n_train=4)  # 5 x 4 = 20 training images, 10 test images
+    write_cifar(root, "cifar10", n_train=2, n_test=4)  # 5 x 2 = 10 training images, 4 test images
     return root
 
 

@@ -208,7 +208,8 @@ def test_no_teacher_above_the_floor_exits_2(tmp_path, capsys):
 
 
 E2E_METHODS = ("dfad", "cmi")  # two of the five scripts that existed when this test was written
-TINY = {"dfad": "dfad:--iters-per-epoch 4", "cmi": "cmi:--g-steps 3 --kd-steps 4"}  # a few steps per epoch
+TINY = {"dfad": "dfad:--iters-per-epoch 4 --batch-size 32",  # a few steps per epoch on small batches
+        "cmi": "cmi:--g-steps 3 --kd-steps 4 --batch-size 32 --synthesis-batch-size 32"}
 
 
 @pytest.mark.slow
