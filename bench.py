@@ -267,7 +267,6 @@ def adapt_ta_dfkd(cfg):
     normalize = Normalize(d.mean, d.std).to(dev)
     student = build_model(args.student, d.num_classes, d.in_channels).to(dev, memory_format=fmt).train()
     generator = m.TAGenerator(args.nz, args.ngf, d.image_size, d.in_channels).to(dev, memory_format=fmt).train()
-    hooks = m.register_bn_hooks(teacher)
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=0.9, weight_decay=args.weight_decay)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -285,7 +284,7 @@ def adapt_ta_dfkd(cfg):
 
     def g_step():
         acc = fresh()
-        m.generator_step(generator, student, teacher, hooks, normalize, opt_g, scaler, args, dev, acc)
+        m.generator_step(generator, student, teacher, normalize, opt_g, scaler, args, dev, acc)
         return {k[5:]: acc[k] for k in keys if k.startswith("loss/") and k != "loss/kd"}
     n_it = args.epochs * args.iters
     return dict(iteration=f"{args.student_steps} student steps + 1 generator step", pair=f"{t_arch}->{args.student}",

@@ -1,4 +1,5 @@
 """Tests for ta_dfkd.py. Hand-derived values come from spec/ta_dfkd.md section 9 and spec/bns.md section 10."""
+import copy
 import json
 import math
 import os
@@ -188,12 +189,11 @@ def test_teacher_unchanged_and_gradient_free(digits_teacher):
     """After a student step and a generator step the teacher's state_dict (weights and BN running stats) is
     bit-identical and no teacher parameter holds a gradient; the generator and student did move."""
     args, teacher, norm, student, gen, opt_s, opt_g, scaler, acc = _setup(digits_teacher)
-    hooks = register_bn_hooks(teacher)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     g_before = [p.clone() for p in gen.parameters()]
     s_before = [p.clone() for p in student.parameters()]
     ta.student_step(student, gen, teacher, norm, opt_s, scaler, args, "cpu", acc)
-    ta.generator_step(gen, student, teacher, hooks, norm, opt_g, scaler, args, "cpu", acc)
+    ta.generator_step(gen, student, teacher, norm, opt_g, scaler, args, "cpu", acc)
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert not teacher.training
@@ -202,17 +202,42 @@ def test_teacher_unchanged_and_gradient_free(digits_teacher):
     assert all(p.requires_grad for p in student.parameters())
 
 
+def test_l_bns_is_the_selected_forwards_statistics_and_no_hook_stays(digits_teacher, monkeypatch):
+    """l_bns in the G step = common.bns_loss over the teacher's BN statistics of T(x_aug[keep]) (OFFICIAL, spec 7.1),
+    worked out here with our own hooks on that one forward; the selection forward and the student steps leave no
+    trace in it, and no forward hook stays on the teacher afterwards (its KD forwards compute no statistics). The
+    selection keeps the first half, whose z are 4x larger, so all-sample statistics would differ clearly."""
+    args, teacher, norm, student, gen, opt_s, opt_g, scaler, acc = _setup(digits_teacher, "--crop-padding", "0")
+    z = torch.randn(args.batch_size, args.nz)
+    z[: args.batch_size // 2] *= 4
+    keep = torch.arange(args.batch_size) < args.batch_size // 2
+    monkeypatch.setattr(ta, "keep_mask", lambda ce, args: keep)
+    stats = {}
+    with torch.no_grad():
+        x_aug = norm(copy.deepcopy(gen)(z))
+        for name, batch in (("selected", x_aug[keep]), ("all", x_aug)):
+            hooks = register_bn_hooks(teacher)
+            teacher(batch)
+            for h in hooks:
+                h.remove()
+            stats[name] = bns_loss(hooks).item()
+    assert abs(stats["selected"] - stats["all"]) > 0.01 * stats["selected"], stats
+    ta.student_step(student, gen, teacher, norm, opt_s, scaler, args, "cpu", acc)
+    ta.generator_step(gen, student, teacher, norm, opt_g, scaler, args, "cpu", acc, z=z)
+    assert acc["loss/bns"].item() == pytest.approx(stats["selected"], rel=1e-5)
+    assert all(not m._forward_hooks for m in teacher.modules())
+
+
 def test_generator_step_lowers_loss_on_fixed_z(digits_teacher):
     """Eq. (3): one Adam step on L_G must lower L_G evaluated on the same z (no augmentation, so the batch is a
     function of z and G only). The second call reports L_G after the first update, before its own."""
     args, teacher, norm, student, gen, opt_s, opt_g, scaler, acc = _setup(
         digits_teacher, "--crop-padding", "0", "--lr-g", "1e-4")
-    hooks = register_bn_hooks(teacher)
     z = torch.randn(args.batch_size, args.nz)
     losses = []
     for _ in range(2):
         acc["loss/g"].zero_()
-        ta.generator_step(gen, student, teacher, hooks, norm, opt_g, scaler, args, "cpu", acc, z=z)
+        ta.generator_step(gen, student, teacher, norm, opt_g, scaler, args, "cpu", acc, z=z)
         losses.append(acc["loss/g"].item())
     assert losses[1] < losses[0]
 
@@ -246,10 +271,9 @@ def test_empty_selection_is_defined(digits_teacher, monkeypatch):
     L_BNS over all samples, finite L_G, G still updated. Student step: after --max-rounds batches the B lowest-CE
     rejected samples are used; finite loss."""
     args, teacher, norm, student, gen, opt_s, opt_g, scaler, acc = _setup(digits_teacher, "--max-rounds", "3")
-    hooks = register_bn_hooks(teacher)
     monkeypatch.setattr(ta, "keep_mask", lambda ce, args: torch.zeros_like(ce, dtype=torch.bool))
     g_before = [p.clone() for p in gen.parameters()]
-    ta.generator_step(gen, student, teacher, hooks, norm, opt_g, scaler, args, "cpu", acc)
+    ta.generator_step(gen, student, teacher, norm, opt_g, scaler, args, "cpu", acc)
     assert acc["loss/adv"].item() == 0.0 and acc["loss/bns"].item() > 0 and math.isfinite(acc["loss/g"].item())
     assert any(not torch.equal(a, b) for a, b in zip(g_before, gen.parameters()))
     ta.student_step(student, gen, teacher, norm, opt_s, scaler, args, "cpu", acc)
@@ -262,10 +286,8 @@ def test_alpha_adds_class_prior_and_zero_keeps_eq3(digits_teacher):
     the same state: the same four terms, plus 0.5 * L_Cls (bit for bit), L_Cls = mean CE of T against its own argmax
     on the whole generated batch: recomputed here from T(G(z)) in float64 (teacher_ce; the float32 CE is within
     ~1e-7 of it). And G moves differently."""
-    import copy
     args0, teacher, norm, student, gen, opt_s, opt_g, scaler, acc0 = _setup(
         digits_teacher, "--no-selection", "--crop-padding", "0")
-    hooks = register_bn_hooks(teacher)
     z = torch.randn(args0.batch_size, args0.nz)
     with torch.no_grad():
         cls_hand = ta.teacher_ce(teacher(norm(copy.deepcopy(gen)(z)))).mean().item()
@@ -274,7 +296,7 @@ def test_alpha_adds_class_prior_and_zero_keeps_eq3(digits_teacher):
         args, _, _, _, _, _, _, _, acc = _setup(digits_teacher, "--no-selection", "--crop-padding", "0",
                                                 "--alpha", str(alpha))
         g, s = copy.deepcopy(gen), copy.deepcopy(student)
-        ta.generator_step(g, s, teacher, hooks, norm, torch.optim.Adam(g.parameters(), lr=args.lr_g), scaler,
+        ta.generator_step(g, s, teacher, norm, torch.optim.Adam(g.parameters(), lr=args.lr_g), scaler,
                           args, "cpu", acc, z=z)
         runs[alpha] = (acc, [p.detach().clone() for p in g.parameters()])
     a0, a1 = runs[0.0][0], runs[0.5][0]
