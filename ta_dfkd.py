@@ -336,7 +336,7 @@ def generator_step(generator, student, teacher, normalize, opt_g, scaler, args, 
     """Eq. (3): one Adam step on L_G = beta*L_Adv + gamma*l_bns + r_tv*TV + r_l2*L2 (CIF L232-262), + alpha*L_Cls
     (Eq. (2)) if --alpha > 0. L_Adv on the selected augmented samples, through teacher and student (student in train
     mode, as official: its BN running stats move); TV and L2 on all augmented samples; l_bns = BN stats of the
-    teacher's last forward, T(selected) (OFFICIAL, spec 7.1) or T(all) with --bns-samples all (paper text)."""
+    one hooked teacher forward, T(selected) (OFFICIAL, spec 7.1) or T(all) with --bns-samples all (paper text)."""
     with autocast(device, args.amp):
         x, x_aug, ce = synthesize(generator, teacher, normalize, args, device, z)
     keep = keep_mask(ce, args)
