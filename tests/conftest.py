@@ -1,4 +1,4 @@
-"""Shared fixtures. The digits teacher is trained once per test session (about 60 s on 2 AVX2 CPU cores, channels_last)."""
+"""Shared fixtures. The digits teacher is trained once per test session (about 60 s on 2 AVX2 CPU cores)."""
 import os
 import sys
 
