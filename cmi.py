@@ -65,8 +65,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (DATASETS, Generator, Normalize, acc_last_k, autocast, build_model, check_amp, check_finite,
-                    check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
-                    load_checkpoint, load_data, load_teacher, MetricLogger, pick_device, prepare_run_dir,
+                    check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail, finish_run,
+                    get_rng_state, load_checkpoint, load_data, load_teacher, MetricLogger, pick_device, prepare_run_dir,
                     random_crop_flip, register_bn_hooks, bns_loss, save_checkpoint, save_config, save_sample_grid,
                     seed_everything, set_rng_state, to_floats, one_line_errors)
 
@@ -132,28 +132,16 @@ def parse_args(argv=None):
     a("--flip", type=int, default=None, choices=[0, 1], help="horizontal flips in both views and KD (digits 0)")
     a("--last-k", type=int, default=None, help="k of acc_last[k] (TA-DFKD: 10 for C10, 20 for C100)")
     args = p.parse_args(argv)
-    for k, v in PAPER_DEFAULTS[args.dataset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    for k in ("epochs", "batch_size", "synthesis_batch_size", "nz", "ngf", "g_steps", "kd_steps", "bank_size",
-              "n_neg", "head_dim", "eval_every", "save_every", "last_k"):
-        if getattr(args, k) < 1:
-            fail(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}; pass a positive integer")
+    fill_defaults(args, PAPER_DEFAULTS[args.dataset])
+    check_positive(args, "epochs", "batch_size", "synthesis_batch_size", "nz", "ngf", "g_steps", "kd_steps",
+                   "bank_size", "n_neg", "head_dim", "eval_every", "save_every", "last_k")
     if args.bank_size % args.synthesis_batch_size:  # OFFICIAL: MemoryBank.add asserts bank_size % B == 0
         fail(f"--bank-size {args.bank_size} is not a multiple of B = {args.synthesis_batch_size}; choose a multiple")
     if args.n_neg > args.bank_size:
         fail(f"--n-neg {args.n_neg} exceeds --bank-size {args.bank_size}; lower --n-neg")
     if min(args.lr_g, args.lr, args.T, args.tau) <= 0:
         fail("--lr-g, --lr, --T and --tau must be > 0; pass positive values")
-    if args.stop_after is not None and not 1 <= args.stop_after < args.epochs:
-        fail(f"--stop-after {args.stop_after} must lie in [1, {args.epochs - 1}]; lower it or raise --epochs")
-    args.teacher = args.teacher or default_teacher_path(args.dataset)
-    stem = os.path.splitext(os.path.basename(args.teacher))[0]
-    args.out = args.out or os.path.join("runs", f"cmi-{args.dataset}-{stem}-s{args.seed}")
-    for name, value in vars(args).items():  # OURS: lr 1e38 overflowed Adam's update (a traceback); nan passed "> 0"
-        if name.startswith("lr") and isinstance(value, float) and not (math.isfinite(value) and value <= 10):
-            fail(f"--{name.replace('_', '-')} {value} is not a usable learning rate; pass a finite value <= 10")
-    return args
+    return finish_run_args(args, "cmi")
 
 
 # -- Losses: one pure function per term ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Shared pieces of dfkd-ref: what every data-free KD method needs, each written once.
 
 Contents, in reading order:
-  1. errors            fail(): one line on stderr, exit code 2; one_line_errors() for argparse's own errors
+  1. errors            fail(): one line on stderr, exit code 2; one_line_errors() for argparse's own errors;
+                       fill_defaults(), check_positive(), finish_run_args(): the flag checks every script shares
   2. models            CIFAR ResNet-18/34, 64x64 ResNet-18/34, WRN-16/40-1/2, VGG-11-BN, LeNet-5(-half), build_model()
   3. generators        Generator (Fast/CMI/SSD-KD), DAFLGenerator (DAFL, DFAD), TAGenerator (TA-DFKD)
   4. BN statistics     BNStatsHook, register_bn_hooks(), bns_loss()     (spec/bns.md)
@@ -56,6 +57,36 @@ def one_line_errors(parser):
     error() goes through fail() (same exit code 2)."""
     parser.error = lambda message: fail(f"{message}; see python {parser.prog} --help")
     return parser
+
+
+def fill_defaults(args, defaults):
+    """A flag left at None takes the script's per-dataset paper value from `defaults` (its PAPER_DEFAULTS row)."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def check_positive(args, *names):
+    """Each named integer flag must be >= 1 (run before any check that divides by one of them)."""
+    for name in names:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}; pass a positive integer")
+
+
+def finish_run_args(args, method):
+    """The checks and defaults every method script ends its parse_args with: --stop-after inside the run, every
+    --lr* finite and <= 10 (1e38 overflowed Adam's update into a traceback; nan passed every "> 0" check), the
+    teacher at teachers/<dataset>_<arch>.pt and the run directory runs/<method>-<dataset>-<teacher stem>-s<seed>."""
+    if args.stop_after is not None and not 1 <= args.stop_after < args.epochs:
+        fail(f"--stop-after {args.stop_after} must lie in [1, {args.epochs - 1}]; lower it or raise --epochs")
+    for name, value in vars(args).items():
+        if name.startswith("lr") and isinstance(value, float) and not (math.isfinite(value) and value <= 10):
+            fail(f"--{name.replace('_', '-')} {value} is not a usable learning rate; pass a finite value <= 10")
+    args.teacher = args.teacher or default_teacher_path(args.dataset)
+    if not args.out:
+        stem = os.path.splitext(os.path.basename(args.teacher))[0]
+        args.out = os.path.join("runs", f"{method}-{args.dataset}-{stem}-s{args.seed}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------

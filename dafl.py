@@ -68,8 +68,8 @@ import torch
 import torch.nn.functional as F
 
 from common import (DATASETS, MODELS, DAFLGenerator, MetricLogger, Normalize, autocast, build_model, check_amp,
-                    check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
-                    load_data, load_teacher, pick_device, prepare_run_dir, save_checkpoint,
+                    check_finite, check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail,
+                    finish_run, get_rng_state, load_data, load_teacher, pick_device, prepare_run_dir, save_checkpoint,
                     save_config, save_sample_grid, seed_everything, set_rng_state, to_floats, one_line_errors)
 
 _CIFAR10 = dict(student="resnet18", epochs=2000, iters_per_epoch=120, batch_size=1024, nz=1000, ngf=64,
@@ -147,22 +147,14 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=None, help="acc_last[k]: mean of the last k evaluations (TA-DFKD: 10 "
                    "CIFAR-10, 20 CIFAR-100)")
     args = p.parse_args(argv)
-    for key, value in PAPER_DEFAULTS[args.dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, PAPER_DEFAULTS[args.dataset])
     try:
         args.milestones = [int(m) for m in str(args.milestones).split(",") if m.strip()]
     except ValueError:
         fail(f"--milestones takes comma-separated epochs, e.g. --milestones 800,1600; got {args.milestones!r}")
-    args.teacher = args.teacher or default_teacher_path(args.dataset)
     args.save_every = args.eval_every if args.save_every is None else args.save_every
     args.save_images = int(args.dataset == "digits") if args.save_images is None else args.save_images
-    if args.out is None:
-        stem = os.path.splitext(os.path.basename(args.teacher))[0]
-        args.out = os.path.join("runs", f"dafl-{args.dataset}-{stem}-s{args.seed}")
-    for name in ("epochs", "iters_per_epoch", "batch_size", "nz", "ngf", "eval_every", "save_every", "k"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}")
+    check_positive(args, "epochs", "iters_per_epoch", "batch_size", "nz", "ngf", "eval_every", "save_every", "k")
     if args.batch_size < 2:
         fail("--batch-size must be >= 2 (the generator's BatchNorm needs a batch); pass e.g. --batch-size 64")
     if args.lr_student <= 0 or args.lr_generator <= 0 or not 0 < args.lr_gamma <= 1 or args.bn_eps <= 0:
@@ -171,12 +163,7 @@ def parse_args(argv=None):
         fail("--oh, --ie, --a and --weight-decay must be finite and >= 0; pass e.g. --oh 1 --ie 5 --a 0.1")
     if any(m < 1 for m in args.milestones):
         fail(f"--milestones must be epochs >= 1; got {args.milestones}")
-    if args.stop_after is not None and not 1 <= args.stop_after < args.epochs:
-        fail(f"--stop-after must lie in 1..{args.epochs - 1}; pass a smaller value or drop it")
-    for name, value in vars(args).items():  # OURS: lr 1e38 overflowed Adam's update (a traceback); nan passed "> 0"
-        if name.startswith("lr") and isinstance(value, float) and not (math.isfinite(value) and value <= 10):
-            fail(f"--{name.replace('_', '-')} {value} is not a usable learning rate; pass a finite value <= 10")
-    return args
+    return finish_run_args(args, "dafl")
 
 
 # ---------------------------------------------------------------------------------------------------------------

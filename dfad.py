@@ -58,7 +58,6 @@ Expected:
   robustness runs lost a class (README). MNIST / CIFAR: not yet run (no GPU so far).
 """
 import argparse
-import math
 import os
 import time
 
@@ -66,8 +65,8 @@ import torch
 import torch.nn.functional as F
 
 from common import (DATASETS, MODELS, DAFLGenerator, MetricLogger, Normalize, autocast, build_model, check_amp,
-                    check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
-                    load_data, load_teacher, pick_device, prepare_run_dir, save_checkpoint,
+                    check_finite, check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail,
+                    finish_run, get_rng_state, load_data, load_teacher, pick_device, prepare_run_dir, save_checkpoint,
                     save_config, save_sample_grid, seed_everything, set_rng_state, to_floats, one_line_errors)
 
 _CIFAR = dict(student="resnet18", nz=256, ngf=64, batch_size=256, epochs=500, iters_per_epoch=50, lr_student=0.1,
@@ -141,36 +140,23 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=None, help="acc_last[k]: mean of the last k evaluations (TA-DFKD: 10 "
                    "CIFAR-10, 20 CIFAR-100)")
     args = p.parse_args(argv)
-    for key, value in PAPER_DEFAULTS[args.dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, PAPER_DEFAULTS[args.dataset])
     try:
         args.milestones = [int(m) for m in str(args.milestones).split(",") if m.strip()]
         args.generator_betas = [float(b) for b in args.generator_betas.split(",")]
     except ValueError:
         fail("--milestones and --generator-betas take comma-separated numbers, e.g. --milestones 100,200")
-    args.teacher = args.teacher or default_teacher_path(args.dataset)
     args.save_every = args.eval_every if args.save_every is None else args.save_every
     args.save_images = int(args.dataset == "digits") if args.save_images is None else args.save_images
-    if args.out is None:
-        stem = os.path.splitext(os.path.basename(args.teacher))[0]
-        args.out = os.path.join("runs", f"dfad-{args.dataset}-{stem}-s{args.seed}")
-    for name in ("epochs", "nz", "ngf", "batch_size", "iters_per_epoch", "student_steps", "eval_every",
-                 "save_every", "k"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}")
+    check_positive(args, "epochs", "nz", "ngf", "batch_size", "iters_per_epoch", "student_steps", "eval_every",
+                   "save_every", "k")
     if args.lr_student <= 0 or args.lr_generator <= 0 or not 0 < args.lr_gamma <= 1:
         fail("--lr-student and --lr-generator must be > 0 and --lr-gamma in (0, 1]; pass positive values")
     if len(args.generator_betas) != 2 or not all(0 <= b < 1 for b in args.generator_betas):
         fail(f"--generator-betas needs two values in [0, 1); got {args.generator_betas}")
     if any(m < 1 + args.decay_one_epoch_early for m in args.milestones):
         fail(f"--milestones must be epochs >= {1 + args.decay_one_epoch_early}; got {args.milestones}")
-    if args.stop_after is not None and not 1 <= args.stop_after < args.epochs:
-        fail(f"--stop-after must lie in 1..{args.epochs - 1}; pass a smaller value or drop it")
-    for name, value in vars(args).items():  # OURS: lr 1e38 overflowed Adam's update (a traceback); nan passed "> 0"
-        if name.startswith("lr") and isinstance(value, float) and not (math.isfinite(value) and value <= 10):
-            fail(f"--{name.replace('_', '-')} {value} is not a usable learning rate; pass a finite value <= 10")
-    return args
+    return finish_run_args(args, "dfad")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -61,7 +61,6 @@ threads): `python fast.py` (Fast5, seed 0) final 99.07 %, acc_last[10] 99.00 %, 
 Fast2 seeds 0-2 final 98.15 / 98.70 / 98.33 %, 32-34 s each (README: beside SSD-KD). CIFAR not yet measured.
 """
 import argparse
-import math
 import copy
 import os
 import time
@@ -71,8 +70,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (DATASETS, Generator, MetricLogger, Normalize, acc_last_k, autocast, build_model, check_amp,
-                    check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run,
-                    get_rng_state, load_checkpoint, load_data, load_teacher, pick_device, prepare_run_dir,
+                    check_finite, check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail,
+                    finish_run, get_rng_state, load_checkpoint, load_data, load_teacher, pick_device, prepare_run_dir,
                     random_crop_flip, register_bn_hooks, save_checkpoint, save_config, save_sample_grid,
                     seed_everything, set_rng_state, to_floats, one_line_errors)
 
@@ -152,9 +151,7 @@ def parse_args(argv=None):
     a("--flip", type=int, default=None, choices=[0, 1], help="horizontal flips in synthesis and KD (digits 0)")
     a("--last-k", type=int, default=None, help="k of acc_last[k] (TA-DFKD: 10 for C10, 20 for C100)")
     args = p.parse_args(argv)
-    for k, v in PAPER_DEFAULTS[args.dataset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_defaults(args, PAPER_DEFAULTS[args.dataset])
     if not 0 <= args.warmup < args.epochs:
         fail(f"--warmup {args.warmup} must lie in [0, {args.epochs - 1}] or no KD step runs; lower it")
     if (args.lr_g is None or args.lr_z is None) and args.g_steps not in PRESETS:
@@ -167,10 +164,8 @@ def parse_args(argv=None):
         args.t_max = args.epochs - args.warmup
     if args.reset_l0_at is None:
         args.reset_l0_at = args.warmup + round(0.6 * (args.epochs - args.warmup))
-    for k in ("epochs", "batch_size", "synthesis_batch_size", "kd_steps", "g_steps", "nz", "ngf", "t_max",
-              "eval_every", "save_every", "last_k"):
-        if getattr(args, k) < 1:
-            fail(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}; pass a positive integer")
+    check_positive(args, "epochs", "batch_size", "synthesis_batch_size", "kd_steps", "g_steps", "nz", "ngf", "t_max",
+                   "eval_every", "save_every", "last_k")
     if args.crop_padding < 0 or args.reset_l0_at < 0 or not 0 <= args.bn_mmt < 1:
         fail("--crop-padding and --reset-l0-at must be >= 0 and --bn-mmt in [0, 1); fix the value")
     if min(args.lr_g, args.lr_z, args.lr_meta, args.lr, args.T) <= 0 or args.eta_min < 0:
@@ -178,15 +173,7 @@ def parse_args(argv=None):
     if args.amp == "fp16":
         fail("--amp fp16 is not supported by fast.py (Fast's --fp16 crashes; the summed meta-gradient would need "
              "per-step unscaling); use --amp bf16")
-    if args.stop_after is not None and not 1 <= args.stop_after < args.epochs:
-        fail(f"--stop-after {args.stop_after} must lie in [1, {args.epochs - 1}]; lower it or raise --epochs")
-    args.teacher = args.teacher or default_teacher_path(args.dataset)
-    stem = os.path.splitext(os.path.basename(args.teacher))[0]
-    args.out = args.out or os.path.join("runs", f"fast-{args.dataset}-{stem}-s{args.seed}")
-    for name, value in vars(args).items():  # OURS: lr 1e38 overflowed Adam's update (a traceback); nan passed "> 0"
-        if name.startswith("lr") and isinstance(value, float) and not (math.isfinite(value) and value <= 10):
-            fail(f"--{name.replace('_', '-')} {value} is not a usable learning rate; pass a finite value <= 10")
-    return args
+    return finish_run_args(args, "fast")
 
 
 def pair_weights(teacher, student):

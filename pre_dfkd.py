@@ -77,8 +77,8 @@ import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
 
 from common import (DATASETS, MODELS, DAFLGenerator, MetricLogger, Normalize, acc_last_k, autocast, build_model,
-                    check_amp, check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run,
-                    get_rng_state, load_data, load_teacher, pick_device, prepare_run_dir,
+                    check_amp, check_finite, check_teacher_data, check_positive, fill_defaults, finish_run_args,
+                    evaluate, fail, finish_run, get_rng_state, load_data, load_teacher, pick_device, prepare_run_dir,
                     save_checkpoint, save_config, save_sample_grid, seed_everything, set_rng_state, to_floats,
                     one_line_errors)
 
@@ -157,18 +157,11 @@ def parse_args(argv=None):
       "replay_<epoch>.png (memory) (default: digits 1)")
     a("--stop-after", type=int, default=None, help="stop after epoch N as if interrupted (for testing --resume)")
     args = p.parse_args(argv)
-    for key, value in PAPER_DEFAULTS[args.dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, PAPER_DEFAULTS[args.dataset])
     args.t_max = args.epochs if args.t_max is None else args.t_max  # digits (ours): the cosine's shape over the run
-    args.teacher = args.teacher or default_teacher_path(args.dataset)
     args.save_images = int(args.dataset == "digits") if args.save_images is None else args.save_images
-    stem = os.path.splitext(os.path.basename(args.teacher))[0]
-    args.out = args.out or os.path.join("runs", f"pre_dfkd-{args.dataset}-{stem}-s{args.seed}")
-    for name in ("epochs", "iters_per_epoch", "g_iters", "kd_iters", "batch_size", "mem_batch_size", "vae_novel", "nz",
-                 "ngf", "z_steps", "t_max", "eval_every", "save_every", "k"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}); pass a positive integer")
+    check_positive(args, "epochs", "iters_per_epoch", "g_iters", "kd_iters", "batch_size", "mem_batch_size",
+                   "vae_novel", "nz", "ngf", "z_steps", "t_max", "eval_every", "save_every", "k")
     if not 0 <= args.vae_iters <= args.kd_iters:
         fail(f"--vae-iters must lie in 0..--kd-iters ({args.kd_iters}), got {args.vae_iters}; the official uses 4")
     if args.batch_size < 2 or args.mem_batch_size < 2 or not 2 <= args.vae_novel <= args.batch_size:
@@ -179,12 +172,7 @@ def parse_args(argv=None):
     weights = (args.oh, args.ie, args.a, args.kld_weight, args.weight_decay)
     if min(weights) < 0 or not all(map(math.isfinite, weights)):
         fail("--oh, --ie, --a, --kld-weight and --weight-decay must be finite and >= 0; e.g. --oh 1 --ie 5 --a 0.1")
-    if args.stop_after is not None and not 1 <= args.stop_after < args.epochs:
-        fail(f"--stop-after must lie in 1..{args.epochs - 1}; drop it for a full run")
-    for name, value in vars(args).items():  # OURS: lr 1e38 overflowed Adam's update (a traceback); nan passed "> 0"
-        if name.startswith("lr") and isinstance(value, float) and not (math.isfinite(value) and value <= 10):
-            fail(f"--{name.replace('_', '-')} {value} is not a usable learning rate; pass a finite value <= 10")
-    return args
+    return finish_run_args(args, "pre_dfkd")
 
 
 # ---------------------------------------------------------------------------------------------- networks

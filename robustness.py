@@ -469,7 +469,7 @@ def write_results(out, records, header_lines, failed=()):
         md += ["", "## The paper's claim on this study",
                "", f"- smallest gap spread across teachers (range): {winners(spread, spread_best)}",
                f"- smallest mean end-of-training drop: {winners(drop, drop_best)}",
-               f"- the paper claims ta_dfkd for both; here it holds for "
+               "- the paper claims ta_dfkd for both; here it holds for "
                + {2: "both", 1: "one", 0: "neither"}[("ta_dfkd" in spread) + ("ta_dfkd" in drop)]
                + " (among methods run on every teacher; a tie counts as holding)."]
     if failed:

@@ -63,10 +63,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (DATASETS, Generator, MetricLogger, Normalize, acc_last_k, autocast, build_model, check_amp,
-                    check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run, get_rng_state,
-                    load_checkpoint, load_data, load_teacher, pick_device, prepare_run_dir, random_crop_flip,
-                    register_bn_hooks, save_checkpoint, save_config, save_sample_grid, seed_everything, set_rng_state,
-                    to_floats, one_line_errors)
+                    check_finite, check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail,
+                    finish_run, get_rng_state, load_checkpoint, load_data, load_teacher, pick_device, prepare_run_dir,
+                    random_crop_flip, register_bn_hooks, save_checkpoint, save_config, save_sample_grid,
+                    seed_everything, set_rng_state, to_floats, one_line_errors)
 
 # Fast-Datafree scripts/fast_cifar.sh + datafree_kd.py defaults; SSD-KD values from the paper or spec [R].
 C10 = dict(epochs=220, warmup=20, batch_size=256, synthesis_batch_size=256, data_scale=5000, kd_steps=None,
@@ -161,9 +161,7 @@ def parse_args(argv=None):
     a("--flip", type=int, default=None, choices=[0, 1], help="horizontal flips in synthesis and KD (digits 0)")
     a("--last-k", type=int, default=None, help="k of acc_last[k] (TA-DFKD: 10 for C10, 20 for C100)")
     args = p.parse_args(argv)
-    for k, v in PAPER_DEFAULTS[args.dataset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_defaults(args, PAPER_DEFAULTS[args.dataset])
     if not 0 <= args.warmup < args.epochs:
         fail(f"--warmup {args.warmup} must lie in [0, {args.epochs - 1}] or no KD step runs; lower it")
     if args.kd_steps is None:
@@ -173,25 +171,15 @@ def parse_args(argv=None):
     if args.reset_l0_at is None:
         args.reset_l0_at = args.warmup + round(0.6 * (args.epochs - args.warmup))
     args.lr_meta = args.lr_meta or args.lr_g * args.g_steps  # Fast: meta Adam lr = lr_g * g_steps
-    for k in ("epochs", "batch_size", "synthesis_batch_size", "data_scale", "kd_steps", "g_steps", "nz", "ngf",
-              "cos_tmax", "eval_every", "save_every", "last_k"):
-        if getattr(args, k) < 1:
-            fail(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}; pass a positive integer")
+    check_positive(args, "epochs", "batch_size", "synthesis_batch_size", "data_scale", "kd_steps", "g_steps", "nz",
+                   "ngf", "cos_tmax", "eval_every", "save_every", "last_k")
     if min(args.gamma, args.alpha, args.beta, args.beta_end, args.eps, args.bn_mmt) < 0 or args.bn_mmt >= 1:
         fail("--gamma, --alpha, --beta, --beta-end, --eps must be >= 0 and --bn-mmt in [0, 1); fix the value")
     if min(args.lr_g, args.lr_z, args.lr_meta, args.lr, args.T) <= 0:
         fail("--lr-g, --lr-z, --lr-meta, --lr and --T must be > 0; pass positive values")
     if args.amp == "fp16":
         fail("--amp fp16 is not supported by ssd_kd.py (FOMAML sums unscaled inner gradients); use --amp bf16")
-    if args.stop_after is not None and not 1 <= args.stop_after < args.epochs:
-        fail(f"--stop-after {args.stop_after} must lie in [1, {args.epochs - 1}]; lower it or raise --epochs")
-    args.teacher = args.teacher or default_teacher_path(args.dataset)
-    stem = os.path.splitext(os.path.basename(args.teacher))[0]
-    args.out = args.out or os.path.join("runs", f"ssd_kd-{args.dataset}-{stem}-s{args.seed}")
-    for name, value in vars(args).items():  # OURS: lr 1e38 overflowed Adam's update (a traceback); nan passed "> 0"
-        if name.startswith("lr") and isinstance(value, float) and not (math.isfinite(value) and value <= 10):
-            fail(f"--{name.replace('_', '-')} {value} is not a usable learning rate; pass a finite value <= 10")
-    return args
+    return finish_run_args(args, "ssd_kd")
 
 
 # ---- Losses: one pure function per term -----------------------------------------------------------------------

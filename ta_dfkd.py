@@ -60,11 +60,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (DATASETS, MODELS, Normalize, TAGenerator, acc_last_k, autocast, bns_loss, build_model,
-                    check_amp, check_finite, check_teacher_data, default_teacher_path, evaluate, fail, finish_run,
-                    get_rng_state, load_checkpoint, load_data, load_teacher, MetricLogger, pick_device,
-                    prepare_run_dir, register_bn_hooks, save_checkpoint, save_config, save_sample_grid,
-                    seed_everything, set_rng_state, to_floats, one_line_errors)
+from common import (DATASETS, MODELS, Normalize, TAGenerator, acc_last_k, autocast, bns_loss, build_model, check_amp,
+                    check_finite, check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail,
+                    finish_run, get_rng_state, load_checkpoint, load_data, load_teacher, MetricLogger, pick_device,
+                    prepare_run_dir, register_bn_hooks, save_checkpoint, save_config, save_sample_grid, seed_everything,
+                    set_rng_state, to_floats, one_line_errors)
 
 _PAPER = dict(epochs=200, iters=36, batch_size=1024, nz=1000, lr_g=1e-3, lr_s=0.01, student="resnet18",
               crop_padding=4, flip=1, k=20, save_every=1, ngf=64)  # ours: a kill loses <= 1 epoch (~1 min on a GPU)
@@ -133,27 +133,15 @@ def parse_args(argv=None):
     a("--save-images", type=int, choices=[0, 1], default=None, help="write samples_<epoch>.png (default: digits 1)")
     a("--stop-after", type=int, default=None, help="stop after epoch N as if interrupted (for testing --resume)")
     args = p.parse_args(argv)
-    for key, value in PAPER_DEFAULTS[args.dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.teacher = args.teacher or default_teacher_path(args.dataset)
+    fill_defaults(args, PAPER_DEFAULTS[args.dataset])
     args.save_images = int(args.dataset == "digits") if args.save_images is None else args.save_images
-    stem = os.path.splitext(os.path.basename(args.teacher))[0]
-    args.out = args.out or os.path.join("runs", f"ta_dfkd-{args.dataset}-{stem}-s{args.seed}")
-    for name in ("epochs", "iters", "student_steps", "batch_size", "nz", "ngf", "eval_every", "save_every", "k",
-                 "gmm_iters"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}); pass a positive integer")
+    check_positive(args, "epochs", "iters", "student_steps", "batch_size", "nz", "ngf", "eval_every", "save_every",
+                   "k", "gmm_iters")
     if not 0.0 <= args.tau < 1.0 or args.alpha < 0:
         fail(f"--tau must lie in [0, 1) and --alpha be >= 0 (got {args.tau}, {args.alpha}); the paper uses 0.5, 0")
     if args.max_rounds < 2 or args.crop_padding < 0 or min(args.lr_g, args.lr_s, args.temperature) <= 0:
         fail("--max-rounds >= 2, --crop-padding >= 0 and positive --lr-g/--lr-s/--temperature are required")
-    if args.stop_after is not None and not 1 <= args.stop_after < args.epochs:
-        fail(f"--stop-after must lie in 1..{args.epochs - 1}; drop it for a full run")
-    for name, value in vars(args).items():  # OURS: lr 1e38 overflowed Adam's update (a traceback); nan passed "> 0"
-        if name.startswith("lr") and isinstance(value, float) and not (math.isfinite(value) and value <= 10):
-            fail(f"--{name.replace('_', '-')} {value} is not a usable learning rate; pass a finite value <= 10")
-    return args
+    return finish_run_args(args, "ta_dfkd")
 
 
 # ---------------------------------------------------------------------------------------------- losses

@@ -441,3 +441,27 @@ def test_teacher_resume_equals_uninterrupted(tmp_path):
     train_teacher.main(common_args + ["--out", str(tmp_path / "b.pt"), "--resume"])
     b = load_teacher(str(tmp_path / "b.pt"), "digits")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shared_flag_checks_fill_defaults_refuse_bad_values_and_name_the_run(capsys):
+    """fill_defaults / check_positive / finish_run_args, which every method script's parse_args uses: None takes the
+    paper value and a given value stays; a non-positive integer, a --stop-after outside the run and an unusable
+    learning rate each exit 2 in one line naming the flag; the teacher and run directory get their default paths."""
+    import argparse
+    args = argparse.Namespace(dataset="digits", epochs=None, iters=3, stop_after=None, lr_g=1e-3, lr_s=0.1,
+                              teacher=None, out=None, seed=4)
+    common.fill_defaults(args, {"epochs": 8, "iters": 20})
+    assert (args.epochs, args.iters) == (8, 3)
+    common.check_positive(args, "epochs", "iters")
+    assert common.finish_run_args(args, "m") is args
+    assert args.teacher == os.path.join("teachers", "digits_wrn16_2.pt")
+    assert args.out == os.path.join("runs", "m-digits-digits_wrn16_2-s4")
+    for change, needle in (({"iters": 0}, "--iters must be >= 1"), ({"stop_after": 8}, "--stop-after 8 must lie in"),
+                           ({"lr_s": float("nan")}, "--lr-s nan is not a usable"), ({"lr_g": 1e38}, "--lr-g 1e+38")):
+        bad = argparse.Namespace(**{**vars(args), "out": None, **change})
+        with pytest.raises(SystemExit) as e:
+            common.check_positive(bad, "epochs", "iters")
+            common.finish_run_args(bad, "m")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+        assert bad.out is None  # refused before a run directory is even named
