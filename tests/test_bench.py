@@ -128,6 +128,32 @@ def test_emulated_bf16_cpu_warns_in_one_line_and_bench_times_fp32_only(monkeypat
         assert any("bf16 not timed" in n for n in seen["n"]) == (not native and not argv)
 
 
+def test_emulated_bf16_gets_no_peak_and_no_mfu(monkeypatch, tmp_path):
+    """Emulated bf16 has no dense peak: on an AVX2 EPYC its big mm and conv ran at 0.5-0.65 GFLOP/s while the digits
+    methods' small convs reached 2-5, so `--amp off,bf16` printed bf16 MFUs of 250-555 %. There the bf16 peak is not
+    measured (minutes of emulated matmuls saved), its rows get no MFU, and the report says why; fp32 keeps both.
+    With native bf16 both peaks are measured."""
+    calls = []
+    monkeypatch.setattr(bench, "measure_peak", lambda device, dt, n=None, reps=None: calls.append(dt) or 0.5)
+    monkeypatch.setattr(bench, "cpu_bf16_native", lambda: False)
+    peaks = bench.parse_peaks(None, torch.device("cpu"), ("fp32", "bf16"))
+    assert peaks == {"fp32": 0.5, "bf16": None} and calls == [torch.float32]
+    stats = [{"per_iter": 1, "per_schedule": 10, "median_s": 0.5, "min_s": 0.4, "max_s": 0.6, "flops": 1e12,
+              "synth": 4, "distilled": 4}]
+    assert bench.summarize(stats, peaks["bf16"])["mfu"] is None
+    assert bench.summarize(stats, peaks["fp32"])["mfu"] == pytest.approx(4.0)  # 2 TFLOP/s against 0.5
+    row = {"method": "dafl", "amp": "bf16", "channels_last": 0, "iteration": "1 joint step", "pair": "a->b",
+           "batch": 4, "paper_batch": 4, "schedule": "1 it", "schedule_iters": 10, "paper_hours": {},
+           "peak_mem_gib": None, **bench.summarize(stats, None)}
+    md = bench.write_report(str(tmp_path), {"dataset": "digits", "device_name": "CPU", "torch": "x", "threads": 1,
+                                            "when": "now", "peaks": peaks, "notes": []}, [row])
+    assert "bf16 none (emulated on this CPU, so no MFU)" in md and "fp32 0.5 TFLOP/s" in md
+    assert "| 2.000 | - | - |" in md  # TFLOP/s 2.000, MFU -, peak GiB -
+    monkeypatch.setattr(bench, "cpu_bf16_native", lambda: True)
+    assert bench.parse_peaks(None, torch.device("cpu"), ("fp32", "bf16")) == {"fp32": 0.5, "bf16": 0.5}
+    assert bench.parse_peaks("bf16=3", torch.device("cpu"), ("bf16",)) == {"bf16": 3.0}
+
+
 # ---------------------------------------------------------------------------------------------- paper-shape smoke
 SMOKE = {  # CIFAR-10 paper architectures, latent sizes, generators and loss weights; batch and iterations cut down
     # batch 2: on a CPU without native bf16 (AVX2 only) bf16 is emulated at ~1 s per ResNet-34 image, forward and back
