@@ -65,10 +65,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (DATASETS, Generator, Normalize, acc_last_k, autocast, build_model, check_amp, check_finite,
-                    check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail, finish_run,
-                    get_rng_state, load_checkpoint, load_data, load_teacher, MetricLogger, pick_device, prepare_run_dir,
-                    random_crop_flip, register_bn_hooks, bns_loss, save_checkpoint, save_config, save_sample_grid,
-                    seed_everything, set_rng_state, to_floats, one_line_errors)
+                    check_student, check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail,
+                    finish_run, get_rng_state, load_checkpoint, load_data, load_teacher, MetricLogger, pick_device,
+                    prepare_run_dir, random_crop_flip, register_bn_hooks, bns_loss, save_checkpoint, save_config,
+                    save_sample_grid, seed_everything, set_rng_state, to_floats, one_line_errors)
 
 # scripts/cmi/scratch_cmi... (CIFAR-10 wrn40_2 -> wrn16_1) + hard-wired values of datafree_kd.py (nz, bank, n_neg, head).
 C10 = dict(batch_size=128, synthesis_batch_size=256, epochs=200, kd_steps=400, g_steps=200, lr_g=1e-3, lr=0.1,
@@ -483,6 +483,7 @@ def main(argv=None):
     data = load_data(args.dataset, args.data_root, args.batch_size, 512, meta.get("image_size"),
                      meta.get("in_channels"), meta.get("mean"), meta.get("std"), device)
     check_teacher_data(meta, data)
+    check_student(args.student, data)
     if args.resume and os.path.isfile(os.path.join(args.out, "summary.json")):  # never overwrite a finished run
         fail(f"{args.out} holds a finished run (summary.json); choose another --out")
     prepare_run_dir(args.out, args.resume, args)  # on --resume: checkpoint verified, same flags, before any write

@@ -9,7 +9,7 @@ Contents, in reading order:
   5. data              load_data() for digits, mnist, cifar10, cifar100, tinyimagenet, folder; Normalize;
                        random_crop_flip() (batch augmentation on the device)
   6. teachers          save_teacher(), load_teacher() (ours and the official repos' formats, pre-1.6 legacy files
-                       through an allow-list unpickler: no code from a file runs), check_teacher_data()
+                       through an allow-list unpickler: no code from a file runs), check_teacher_data(), check_student()
   7. run plumbing      device, seeding, autocast/check_amp (warns where bf16 is emulated), atomic checkpoints sealed
                        with a sha256 digest, RNG state, run directory (checked before writing, locked by run.lock),
                        metric logger, evaluate(), summary.json and the final line
@@ -969,6 +969,18 @@ def check_teacher_data(meta, data):
     if meta.get("mean") is None:
         fail(f"the teacher's input normalisation is unknown for dataset {data.name}; use a teacher saved by "
              f"train_teacher.py")
+
+
+def check_student(arch, data):
+    """The student must take the data's inputs (LeNet-5 needs 32x32; digits are 16x16): one line and exit 2 before
+    the run directory is written, not a traceback at the first student forward. A 2-image forward on the CPU."""
+    try:
+        with torch.no_grad():
+            build_model(arch, data.num_classes, data.in_channels).eval()(
+                torch.zeros(2, data.in_channels, data.image_size, data.image_size))
+    except RuntimeError:
+        fail(f"student {arch} cannot take {data.in_channels}x{data.image_size}x{data.image_size} inputs; pass another "
+             f"--student")
 
 
 # ----------------------------------------------------------------------------------------------------------

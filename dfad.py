@@ -65,9 +65,10 @@ import torch
 import torch.nn.functional as F
 
 from common import (DATASETS, MODELS, DAFLGenerator, MetricLogger, Normalize, autocast, build_model, check_amp,
-                    check_finite, check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail,
-                    finish_run, get_rng_state, load_data, load_teacher, pick_device, prepare_run_dir, save_checkpoint,
-                    save_config, save_sample_grid, seed_everything, set_rng_state, to_floats, one_line_errors)
+                    check_finite, check_student, check_teacher_data, check_positive, fill_defaults, finish_run_args,
+                    evaluate, fail, finish_run, get_rng_state, load_data, load_teacher, pick_device, prepare_run_dir,
+                    save_checkpoint, save_config, save_sample_grid, seed_everything, set_rng_state, to_floats,
+                    one_line_errors)
 
 _CIFAR = dict(student="resnet18", nz=256, ngf=64, batch_size=256, epochs=500, iters_per_epoch=50, lr_student=0.1,
               weight_decay=5e-4, lr_generator=1e-3, milestones="100,200", k=10)
@@ -370,15 +371,9 @@ def main(argv=None):
     data = load_data(args.dataset, args.data_root, args.batch_size, 512, meta.get("image_size"),
                      meta.get("in_channels"), meta.get("mean"), meta.get("std"), device)
     check_teacher_data(meta, data)
+    check_student(args.student, data)
     if data.image_size % 4:
         fail(f"GeneratorA upsamples twice by 2, so the input size must be a multiple of 4; got {data.image_size}")
-    try:  # the student must accept the teacher's input shape (LeNet needs 32x32)
-        with torch.no_grad():
-            build_model(args.student, data.num_classes, data.in_channels).eval()(
-                torch.zeros(2, data.in_channels, data.image_size, data.image_size))
-    except RuntimeError:
-        fail(f"student {args.student} cannot take {data.in_channels}x{data.image_size}x{data.image_size} inputs; "
-             f"pass another --student")
     # on --resume: the checkpoint, verified, of the same experiment (only its length and bookkeeping may change)
     ck = prepare_run_dir(args.out, args.resume, args)
     seed_everything(args.seed)

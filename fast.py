@@ -70,10 +70,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (DATASETS, Generator, MetricLogger, Normalize, acc_last_k, autocast, build_model, check_amp,
-                    check_finite, check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail,
-                    finish_run, get_rng_state, load_checkpoint, load_data, load_teacher, pick_device, prepare_run_dir,
-                    random_crop_flip, register_bn_hooks, save_checkpoint, save_config, save_sample_grid,
-                    seed_everything, set_rng_state, to_floats, one_line_errors)
+                    check_finite, check_student, check_teacher_data, check_positive, fill_defaults, finish_run_args,
+                    evaluate, fail, finish_run, get_rng_state, load_checkpoint, load_data, load_teacher, pick_device,
+                    prepare_run_dir, random_crop_flip, register_bn_hooks, save_checkpoint, save_config,
+                    save_sample_grid, seed_everything, set_rng_state, to_floats, one_line_errors)
 
 # scripts/fast_cifar.sh + datafree_kd.py; g_steps 5 = Fast5 is PAPER-SILENT [spec R] (the script runs 2, 5 and 10).
 # save_every 1: a killed run loses at most one epoch (CIFAR: ~1 min on a V100, SSD-KD's 1.5-4 h / 220 epochs).
@@ -504,6 +504,7 @@ def main(argv=None):
     data = load_data(args.dataset, args.data_root, args.batch_size, 512, meta.get("image_size"),
                      meta.get("in_channels"), meta.get("mean"), meta.get("std"), device)
     check_teacher_data(meta, data)
+    check_student(args.student, data)
     if data.image_size % 4:
         fail(f"image size {data.image_size} is not a multiple of 4, which Fast's generator needs; resize the data")
     if args.resume and os.path.isfile(os.path.join(args.out, "summary.json")):

@@ -63,10 +63,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (DATASETS, Generator, MetricLogger, Normalize, acc_last_k, autocast, build_model, check_amp,
-                    check_finite, check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail,
-                    finish_run, get_rng_state, load_checkpoint, load_data, load_teacher, pick_device, prepare_run_dir,
-                    random_crop_flip, register_bn_hooks, save_checkpoint, save_config, save_sample_grid,
-                    seed_everything, set_rng_state, to_floats, one_line_errors)
+                    check_finite, check_student, check_teacher_data, check_positive, fill_defaults, finish_run_args,
+                    evaluate, fail, finish_run, get_rng_state, load_checkpoint, load_data, load_teacher, pick_device,
+                    prepare_run_dir, random_crop_flip, register_bn_hooks, save_checkpoint, save_config,
+                    save_sample_grid, seed_everything, set_rng_state, to_floats, one_line_errors)
 
 # Fast-Datafree scripts/fast_cifar.sh + datafree_kd.py defaults; SSD-KD values from the paper or spec [R].
 C10 = dict(epochs=220, warmup=20, batch_size=256, synthesis_batch_size=256, data_scale=5000, kd_steps=None,
@@ -547,6 +547,7 @@ def main(argv=None):
     data = load_data(args.dataset, args.data_root, args.batch_size, 512, meta.get("image_size"),
                      meta.get("in_channels"), meta.get("mean"), meta.get("std"), device)
     check_teacher_data(meta, data)
+    check_student(args.student, data)
     if data.image_size % 4:
         fail(f"image size {data.image_size} is not a multiple of 4, which Fast's generator needs; resize the data")
     if args.resume and os.path.isfile(os.path.join(args.out, "summary.json")):

@@ -61,10 +61,10 @@ import torch
 import torch.nn.functional as F
 
 from common import (DATASETS, MODELS, Normalize, TAGenerator, acc_last_k, autocast, bns_loss, build_model, check_amp,
-                    check_finite, check_teacher_data, check_positive, fill_defaults, finish_run_args, evaluate, fail,
-                    finish_run, get_rng_state, load_checkpoint, load_data, load_teacher, MetricLogger, pick_device,
-                    prepare_run_dir, register_bn_hooks, save_checkpoint, save_config, save_sample_grid, seed_everything,
-                    set_rng_state, to_floats, one_line_errors)
+                    check_finite, check_student, check_teacher_data, check_positive, fill_defaults, finish_run_args,
+                    evaluate, fail, finish_run, get_rng_state, load_checkpoint, load_data, load_teacher, MetricLogger,
+                    pick_device, prepare_run_dir, register_bn_hooks, save_checkpoint, save_config, save_sample_grid,
+                    seed_everything, set_rng_state, to_floats, one_line_errors)
 
 _PAPER = dict(epochs=200, iters=36, batch_size=1024, nz=1000, lr_g=1e-3, lr_s=0.01, student="resnet18",
               crop_padding=4, flip=1, k=20, save_every=1, ngf=64)  # ours: a kill loses <= 1 epoch (~1 min on a GPU)
@@ -448,6 +448,7 @@ def main(argv=None):
     data = load_data(args.dataset, args.data_root, 256, 512, meta.get("image_size"), meta.get("in_channels"),
                      meta.get("mean"), meta.get("std"), device)
     check_teacher_data(meta, data)
+    check_student(args.student, data)
     prepare_run_dir(args.out, args.resume, args)  # on --resume: checkpoint verified, same flags, before any write
     save_config(args.out, args, device)
     return train(args, teacher, meta, data, device)

@@ -148,7 +148,7 @@ def test_sample_grid_rows_per_class_upscaled_and_labelled(tmp_path):
     assert r0[-1] < r3[0] and r3[-1] < r7[0]  # rows in class order, not overlapping
     assert all(len(r) == r[-1] - r[0] + 1 for r in (r0, r3, r7))  # each row one contiguous band
     cell = len(r3)
-    assert cell >= 64 and cell % 8 == 0 and w3 == 10 * cell and len(r0) == cell  # upscaled squares
+    assert cell >= 64 and cell % 8 == 0 and w3 == 10 * cell and w7 == 5 * cell and len(r0) == cell  # squares
     assert w0 == cell // 2  # nearest neighbour: the half-grey image stays exactly half grey, no blended edge
     for r in (r0, r3, r7):  # a black class label left of each row's first image
         assert (g[r[0]:r[-1] + 1, :cell // 2] == 0).any()
