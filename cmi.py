@@ -484,8 +484,6 @@ def main(argv=None):
                      meta.get("in_channels"), meta.get("mean"), meta.get("std"), device)
     check_teacher_data(meta, data)
     check_student(args.student, data)
-    if args.resume and os.path.isfile(os.path.join(args.out, "summary.json")):  # never overwrite a finished run
-        fail(f"{args.out} holds a finished run (summary.json); choose another --out")
     prepare_run_dir(args.out, args.resume, args)  # on --resume: checkpoint verified, same flags, before any write
     seed_everything(args.seed)
     save_config(args.out, args, device)

@@ -1247,14 +1247,17 @@ RESUME_FREE = {"epochs", "resume", "device", "eval_every", "save_every", "save_i
 
 
 def prepare_run_dir(out, resume, args=None):
-    """Check the run directory before anything is written: a used --out needs --resume, --resume needs a run, and
-    (given args) the run must be the same experiment: same script, same flags except RESUME_FREE. Takes the
-    directory's lock (run.lock) so two runs never write into one --out. Returns the verified checkpoint on --resume
-    (the method's next load_checkpoint of it gets the same object without reading it again), else None."""
+    """Check the run directory before anything is written: a used --out needs --resume, --resume needs an unfinished
+    run (no summary.json), and (given args) the run must be the same experiment: same script, same flags except
+    RESUME_FREE. Takes the directory's lock (run.lock) so two runs never write into one --out. Returns the verified
+    checkpoint on --resume (the method's next load_checkpoint of it gets the same object without reading it again),
+    else None."""
     ckpt = os.path.join(out, "checkpoint.pt")
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out {out} is a file, not a directory; pass a directory for the run's outputs")
     used = any(os.path.exists(os.path.join(out, f)) for f in ("checkpoint.pt", "metrics.jsonl", "summary.json"))
+    if resume and os.path.isfile(os.path.join(out, "summary.json")):  # --resume never rewrites a finished run
+        fail(f"{out} holds a finished run (summary.json); choose another --out")
     if resume and not os.path.exists(ckpt):
         if used:
             fail(f"--resume given but {ckpt} does not exist (the run stopped before its first checkpoint); start "

@@ -507,8 +507,6 @@ def main(argv=None):
     check_student(args.student, data)
     if data.image_size % 4:
         fail(f"image size {data.image_size} is not a multiple of 4, which Fast's generator needs; resize the data")
-    if args.resume and os.path.isfile(os.path.join(args.out, "summary.json")):
-        fail(f"{args.out} holds a finished run (summary.json); choose another --out")
     prepare_run_dir(args.out, args.resume, args)  # on --resume: checkpoint verified, same flags, before any write
     seed_everything(args.seed)
     save_config(args.out, args, device)

@@ -297,11 +297,11 @@ def snapshot(root):
 
 def test_every_method_script_refuses_bad_files_in_one_line(tmp_path):
     """Through each method script's command line: a garbage teacher, a bit-flipped teacher of ours, a corrupt
-    checkpoint.pt with --resume, --resume of a directory without a run, --resume of another script's run, and a
-    student that cannot take the teacher's inputs (LeNet-5 on 16x16 digits): each exactly one stderr line and exit
-    2, and every file that existed before is byte-for-byte unchanged (no file added either). One interpreter runs
-    the scripts as __main__ (torch is imported once); one case also runs as a separate `python ta_dfkd.py` process
-    to show the two agree."""
+    checkpoint.pt with --resume, --resume of a directory without a run, of another script's run or of a finished
+    run, and a student that cannot take the teacher's inputs (LeNet-5 on 16x16 digits): each exactly one stderr
+    line and exit 2, and every file that existed before is byte-for-byte unchanged (no file added either). One
+    interpreter runs the scripts as __main__ (torch is imported once); one case also runs as a separate
+    `python ta_dfkd.py` process to show the two agree."""
     rng = random.Random(1)
     good = str(tmp_path / "teacher.pt")
     save_teacher(good, build_model("wrn16_2", 10, 1), "wrn16_2", "digits", 10, 1, 16, (0.25,), (0.3,), 95.0)
@@ -318,6 +318,9 @@ def test_every_method_script_refuses_bad_files_in_one_line(tmp_path):
     (foreign / "metrics.jsonl").write_text('{"epoch": 1, "acc": 50.0}\n')
     empty = tmp_path / "empty"
     empty.mkdir()
+    finished = tmp_path / "finished"  # ta_dfkd, dafl, dfad, pre_dfkd used to resume it and rewrite summary.json
+    save_checkpoint(str(finished / "checkpoint.pt"), {"epoch": 1, "config": {}})
+    (finished / "summary.json").write_text('{"final_acc": 50.0}\n')
     cases, expect = [], []
     for script in METHOD_SCRIPTS:
         for argv, words in ((["--teacher", str(tmp_path / "garbage.pt"), "--out", str(tmp_path / "new")],
@@ -326,6 +329,7 @@ def test_every_method_script_refuses_bad_files_in_one_line(tmp_path):
                             (["--teacher", good, "--out", str(run), "--resume"], "damaged"),
                             (["--teacher", good, "--out", str(empty), "--resume"], "does not exist"),
                             (["--teacher", good, "--out", str(foreign), "--resume"], "other settings"),
+                            (["--teacher", good, "--out", str(finished), "--resume"], "holds a finished run"),
                             (["--teacher", good, "--out", str(tmp_path / "new"), "--student", "lenet5"],
                              "cannot take 1x16x16")):  # ta_dfkd, cmi, fast, ssd_kd: a traceback, a run dir left
             cases.append([script, argv])
